@@ -1,0 +1,10 @@
+"""duo-kernels: fused kernels for uniform-state discrete diffusion (Duo, Duo++).
+
+Every public op takes ``impl="auto"`` (see :mod:`duo_kernels._dispatch`) and has a plain-PyTorch twin
+of the same name and signature in :mod:`duo_kernels.reference`.
+"""
+
+from duo_kernels._version import __version__
+from duo_kernels import rng
+
+__all__ = ["__version__", "rng"]

@@ -1,0 +1,110 @@
+"""Choosing a backend for an op: ``impl="auto" | "triton" | "cuda" | "cpu" | "reference"``.
+
+- ``"reference"``: the plain-PyTorch path of :mod:`duo_kernels.reference`; runs everywhere.
+- ``"cpu"`` / ``"cuda"``: the compiled ``csrc/`` kernels (:mod:`duo_kernels._native`), for CPU or CUDA
+  tensors.
+- ``"triton"``: the Triton kernels, for CUDA tensors, or for CPU tensors under ``TRITON_INTERPRET=1``.
+- ``"auto"`` (the default): ``DUO_KERNELS_IMPL`` if that is set, else the op's first backend that can
+  run on the tensors' device. It skips a backend only because it cannot run here (no GPU, no compiler,
+  a failed build, which it reports once as a warning), never because a kernel raised.
+
+An explicit backend that the op has no kernel for raises ``NotImplementedError``; one that cannot run
+on this machine or device raises ``RuntimeError`` and says why. Neither falls back.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+IMPLS = ("auto",) + BACKENDS
+ENV_VAR = "DUO_KERNELS_IMPL"
+
+# The order "auto" tries backends in, per device type; an op may list fewer.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton cannot be imported ({exc}); install it with `pip install triton` (Linux only)"
+    return None
+
+
+def backend_status(backend: str, device: torch.device) -> tuple[bool, str]:
+    """Whether ``backend`` can run on tensors on ``device`` here, and if not, why."""
+    device = torch.device(device)
+    if backend == "reference":
+        return True, ""
+    if backend == "triton":
+        error = _triton_import_error()
+        if error:
+            return False, error
+        if device.type == "cuda":
+            return True, ""
+        if device.type == "cpu" and triton_interpreted():
+            return True, ""
+        return False, (
+            f"triton kernels run on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1 set before "
+            f"duo_kernels is imported); got tensors on {device}"
+        )
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            return False, f"impl={backend!r} runs on {backend} tensors; got tensors on {device}"
+        from duo_kernels import _native
+
+        return _native.status(cuda=backend == "cuda")
+    raise ValueError(f"impl must be one of {IMPLS}, got {backend!r}")
+
+
+def check_impl(impl) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        env = os.environ.get(ENV_VAR)
+        if env:
+            if env not in IMPLS:
+                raise ValueError(f"{ENV_VAR} must be one of {IMPLS}, got {env!r}")
+            return env
+    return impl
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def dispatch(op: str, impl: str, device: torch.device, kernels: dict[str, Callable]) -> tuple[str, Callable]:
+    """The backend name and function that run ``op`` for ``impl`` on ``device``.
+
+    ``kernels`` maps backend names to functions; it always holds ``"reference"``.
+    """
+    impl = check_impl(impl)
+    device = torch.device(device)
+    if impl != "auto":
+        if impl not in kernels:
+            have = ", ".join(k for k in BACKENDS if k in kernels)
+            raise NotImplementedError(f"{op} has no {impl!r} kernel (it has: {have})")
+        ok, why = backend_status(impl, device)
+        if not ok:
+            raise RuntimeError(f"{op}: impl={impl!r} cannot run: {why}")
+        return impl, kernels[impl]
+    for backend in AUTO_ORDER.get(device.type, ("reference",)):
+        if backend not in kernels:
+            continue
+        ok, why = backend_status(backend, device)
+        if ok:
+            return backend, kernels[backend]
+        if backend != "triton" and (op, backend) not in _warned:
+            _warned.add((op, backend))
+            warnings.warn(f"{op}: impl='auto' skips {backend!r}: {why}", RuntimeWarning, stacklevel=3)
+    return "reference", kernels["reference"]
