@@ -106,7 +106,7 @@ def _build(with_cuda: bool):
     build_dir = cache_dir() / build_key(with_cuda)
     build_dir.mkdir(parents=True, exist_ok=True)
     src = source_dir()
-    flags = ["-O3", "-std=c++17"]
+    flags = ["-O3"]  # the C++ standard is torch's own choice for its headers
     defines = ["-DDUO_WITH_CUDA"] if with_cuda else []
     verbose = os.environ.get("DUO_KERNELS_VERBOSE_BUILD") == "1"
     with FileLock(str(build_dir / "build.lock")):
@@ -116,7 +116,7 @@ def _build(with_cuda: bool):
                 sources=_sources(with_cuda),
                 extra_include_paths=[str(src), str(src / "include")],
                 extra_cflags=flags + defines,
-                extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math"] if with_cuda else None,
+                extra_cuda_cflags=["-O3"] if with_cuda else None,
                 build_directory=str(build_dir),
                 with_cuda=with_cuda,
                 verbose=verbose,
