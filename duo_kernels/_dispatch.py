@@ -2,7 +2,8 @@
 
 - ``"reference"``: the plain-PyTorch path of :mod:`duo_kernels.reference`; runs everywhere.
 - ``"cpu"`` / ``"cuda"``: the compiled ``csrc/`` kernels (:mod:`duo_kernels._native`), for CPU or CUDA
-  tensors.
+  tensors. An op whose fast CPU path is plain PyTorch (chunked, bounded memory) marks it with
+  :func:`pure_torch`; it then runs wherever the tensors are on the CPU, with no build.
 - ``"triton"``: the Triton kernels, for CUDA tensors, or for CPU tensors under ``TRITON_INTERPRET=1``.
 - ``"auto"`` (the default): ``DUO_KERNELS_IMPL`` if that is set, else the op's first backend that can
   run on the tensors' device. It skips a backend only because it cannot run here (no GPU, no compiler,
@@ -83,6 +84,20 @@ def check_impl(impl) -> str:
 _warned: set[tuple[str, str]] = set()
 
 
+def pure_torch(fn: Callable) -> Callable:
+    """Marks a "cpu" kernel written in PyTorch: it needs no native build."""
+    fn.duo_pure_torch = True
+    return fn
+
+
+def _status(backend: str, device: torch.device, fn: Callable) -> tuple[bool, str]:
+    if backend == "cpu" and getattr(fn, "duo_pure_torch", False):
+        if device.type != "cpu":
+            return False, f"impl='cpu' runs on cpu tensors; got tensors on {device}"
+        return True, ""
+    return backend_status(backend, device)
+
+
 def dispatch(op: str, impl: str, device: torch.device, kernels: dict[str, Callable]) -> tuple[str, Callable]:
     """The backend name and function that run ``op`` for ``impl`` on ``device``.
 
@@ -94,14 +109,14 @@ def dispatch(op: str, impl: str, device: torch.device, kernels: dict[str, Callab
         if impl not in kernels:
             have = ", ".join(k for k in BACKENDS if k in kernels)
             raise NotImplementedError(f"{op} has no {impl!r} kernel (it has: {have})")
-        ok, why = backend_status(impl, device)
+        ok, why = _status(impl, device, kernels[impl])
         if not ok:
             raise RuntimeError(f"{op}: impl={impl!r} cannot run: {why}")
         return impl, kernels[impl]
     for backend in AUTO_ORDER.get(device.type, ("reference",)):
         if backend not in kernels:
             continue
-        ok, why = backend_status(backend, device)
+        ok, why = _status(backend, device, kernels[backend])
         if ok:
             return backend, kernels[backend]
         if backend != "triton" and (op, backend) not in _warned:

@@ -60,3 +60,14 @@ def test_auto_skips_an_unbuildable_backend_with_a_warning(monkeypatch):
     monkeypatch.setattr(_dispatch, "_warned", set())
     with pytest.warns(RuntimeWarning, match="no compiler"):
         assert _dispatch.dispatch("op", "auto", torch.device("cpu"), KERNELS)[0] == "reference"
+
+
+def test_pure_torch_cpu_kernel_needs_no_build(monkeypatch):
+    from duo_kernels import _native
+
+    monkeypatch.setattr(_native, "status", lambda cuda=False: (False, "no compiler"))
+    chunked = _dispatch.pure_torch(lambda x: x + 3)
+    kernels = {"reference": reference, "cpu": chunked}
+    assert _dispatch.dispatch("op", "cpu", torch.device("cpu"), kernels) == ("cpu", chunked)
+    with pytest.raises(RuntimeError, match="no compiler"):
+        _dispatch.dispatch("op", "cpu", torch.device("cpu"), KERNELS)
