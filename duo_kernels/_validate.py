@@ -60,7 +60,10 @@ def check_same_device(**tensors) -> torch.device:
 def per_token(name: str, value, shape: tuple[int, int], *, device, dtype=torch.float64) -> torch.Tensor:
     """A per-sequence or per-token scalar ((), (B,), (B, 1) or (B, L)) broadcast to (B, L)."""
     b, l = shape
-    t = torch.as_tensor(value, device=device)
+    if isinstance(value, bool) or not isinstance(value, (torch.Tensor, int, float)):
+        raise ValueError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    # a Python number is taken at float64: torch.as_tensor would round 0.9 to float32 first
+    t = value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64, device=device)
     if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32)):
         raise ValueError(f"{name} must be a floating-point tensor or a number, got dtype {t.dtype}")
     if t.device != torch.device(device) and t.dim() > 0:
