@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from duo_kernels import _validate
-from duo_kernels.reference.nelbo import _check_logits, _check_reduction, _drop_masked_rows, _reduce, _token_weights
+from duo_kernels._losses import _check_logits, _check_reduction, _reduce, _token_weights
+from duo_kernels.reference.nelbo import _drop_masked_rows
 
 DIRECTIONS = ("reverse", "forward")
 
