@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 import torch
 
-from duo_kernels import rng
+import duo_kernels
+from duo_kernels import reference, rng
 
 Shape = dict[str, int]
 Inputs = dict[str, Any]
@@ -134,3 +135,97 @@ _register_rng(
     lambda i: torch.randint(i["high"], i["shape"], device=i["device"]),
     bytes_per_draw=8,
 )
+
+
+# ---- forward process -------------------------------------------------------------------------------
+# The O(1)-per-token exact samplers (duo-math §1.2, §5.4) against the (B, L, V) latents they replace.
+# Paper shape: the dense references need ~33 GiB (B·L·V fp32 normals, then two fp64 copies) and fit
+# an H100 or H200. The literal-algorithm row draws our Philox stream in PyTorch int64 ops (~170
+# launches per 2^18 normals, seconds per call at this shape); the torch.randn rows are what the
+# public Duo code runs (PERF-TARGETS.md: 27.9 ms for the latent + argmax on an H200).
+FORWARD_SEED = 0
+# OWT curriculum window (duo-math §1.1) and a DCD pair gap.
+GAMMA_MIN, GAMMA_MAX, PAIR_GAP = -3.55, -1.85, 0.3
+
+
+def _forward_inputs(shape: Shape, device: torch.device) -> Inputs:
+    gen = torch.Generator().manual_seed(0)
+    b, l, v = shape["B"], shape["L"], shape["V"]
+    gamma_t = GAMMA_MIN + (GAMMA_MAX - GAMMA_MIN) * torch.rand(b, generator=gen, dtype=torch.float64)
+    return {"x0": torch.randint(0, v, (b, l), generator=gen).to(device), "gamma_t": gamma_t.to(device),
+            "gamma_s": (gamma_t - PAIR_GAP).to(device), "V": v, "k": shape.get("k")}
+
+
+def _torch_latent_argmax(x0: torch.Tensor, gammas: list[torch.Tensor], vocab_size: int) -> list[torch.Tensor]:
+    """The Duo code's argmax of ``a~ e_x + s~ eps`` with one ``torch.randn`` latent shared by every gamma."""
+    eps = torch.randn(*x0.shape, vocab_size, device=x0.device)
+    out = []
+    for gamma in gammas:
+        a_tilde, s_tilde = reference.gaussian_params(gamma.float()[:, None, None])
+        w = s_tilde * eps
+        w.scatter_add_(-1, x0[..., None], a_tilde.expand(*x0.shape, 1).contiguous())
+        out.append(w.argmax(-1))
+    return out
+
+
+def _tokens_bytes(shape: Shape, per_token: int) -> int:
+    return per_token * shape["B"] * shape["L"]
+
+
+register(Case(
+    name="gaussian_argmax",
+    family="forward_process",
+    make_inputs=_forward_inputs,
+    fused=lambda i: duo_kernels.gaussian_argmax(i["x0"], i["gamma_t"], i["V"], seed=FORWARD_SEED),
+    reference=lambda i: reference.gaussian_argmax_dense(i["x0"], i["gamma_t"], i["V"], seed=FORWARD_SEED),
+    # int64 x0 read, int64 z_t written
+    bytes_moved=lambda s: _tokens_bytes(s, 16),
+    target="≥ 1000× dense latent + argmax; no B·L·V memory",
+))
+register(Case(
+    name="gaussian_argmax vs torch.randn latent",
+    family="forward_process",
+    make_inputs=_forward_inputs,
+    fused=lambda i: duo_kernels.gaussian_argmax(i["x0"], i["gamma_t"], i["V"], seed=FORWARD_SEED),
+    reference=lambda i: _torch_latent_argmax(i["x0"], [i["gamma_t"]], i["V"]),
+    bytes_moved=lambda s: _tokens_bytes(s, 16),
+    target="≥ 1000× dense latent + argmax; no B·L·V memory",
+))
+register(Case(
+    name="gaussian_argmax_pair",
+    family="forward_process",
+    make_inputs=_forward_inputs,
+    fused=lambda i: duo_kernels.gaussian_argmax_pair(i["x0"], i["gamma_t"], i["gamma_s"], i["V"], seed=FORWARD_SEED),
+    # DCD's construction: two argmaxes of one shared torch.randn latent
+    reference=lambda i: _torch_latent_argmax(i["x0"], [i["gamma_t"], i["gamma_s"]], i["V"]),
+    # int64 x0 read, two int64 z written
+    bytes_moved=lambda s: _tokens_bytes(s, 24),
+    target="none set; O(1) per token, no B·L·V memory",
+))
+
+
+# ---- curriculum: Duo++ top-k relaxation ------------------------------------------------------------
+# The fused op in its exact mode (the default) against the published sampler's algorithm
+# (reference_compat=True: float64 PyTorch, the Duo++-style reference of PERF-TARGETS.md), tau = 1e-3
+# as in the paper runs.
+TOPK_TAU = 1e-3
+
+
+def _register_topk(k: int) -> None:
+    register(Case(
+        name=f"tempered_softmax_topk k={k}",
+        family="curriculum",
+        make_inputs=_forward_inputs,
+        fused=lambda i: duo_kernels.tempered_softmax_topk(i["x0"], i["gamma_t"], i["V"], i["k"], TOPK_TAU,
+                                                          seed=FORWARD_SEED),
+        reference=lambda i: reference.tempered_softmax_topk(i["x0"], i["gamma_t"], i["V"], i["k"], TOPK_TAU,
+                                                            reference_compat=True, seed=FORWARD_SEED),
+        # int64 x0 read; int64 ids, fp32 weights and int64 z_t written
+        bytes_moved=lambda s: _tokens_bytes(s, 16 + 12 * s["k"]),
+        target="≥ 20× the Duo++ reference (with the embedding)",
+        shape={**PAPER_SHAPE, "k": k},
+    ))
+
+
+for _k in (2, 16, 128):
+    _register_topk(_k)
