@@ -10,8 +10,11 @@
   algorithm in float64 PyTorch), target >= 10x; and, for scale, the same at B = 32, L = 1024.
 
 Each pair is timed alternately (reference call, fused call, ...), median over ``--repeats`` rounds
-(3 for the dense latent, which takes seconds), so both see the same machine load. Prints a markdown
-table. ``--smoke`` shrinks everything to check that the script runs.
+(3 for the dense latent, which takes tens of seconds), so both see the same machine load. Both sides
+run on ``--threads`` torch threads (default 1): on a shared machine whose other jobs keep the cores
+busy, 2 OpenMP threads made the reference's many small parallel ops 10-30x slower from run to run
+(the dense latent took 350 s instead of ~20 s), which inflates the ratio; one thread measures the
+work. Prints a markdown table. ``--smoke`` shrinks everything to check that the script runs.
 """
 
 from __future__ import annotations
@@ -62,8 +65,18 @@ def compare(name: str, shape, vocab_size: int, reference_fn, fused_fn, rounds: i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30, help="rounds per top-k pair (3 for the dense latent)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both sides (default 1)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 round: check that the script runs")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> None:
     shape, large, vocab, rounds, dense_rounds = (4, 256), (32, 1024), VOCAB, args.repeats, 3
     if args.smoke:
         shape, large, vocab, rounds, dense_rounds = (1, 4), (1, 8), 1000, 1, 1
