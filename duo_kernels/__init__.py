@@ -6,5 +6,8 @@ of the same name and signature in :mod:`duo_kernels.reference`.
 
 from duo_kernels._version import __version__
 from duo_kernels import rng
+from duo_kernels.ops.embedding import (relaxed_embedding, tempered_softmax_embedding,
+                                       tempered_softmax_topk_embedding)
 
-__all__ = ["__version__", "rng"]
+__all__ = ["__version__", "rng",
+           "relaxed_embedding", "tempered_softmax_topk_embedding", "tempered_softmax_embedding"]
