@@ -120,6 +120,7 @@ def _bad_relaxed_inputs():
         ("ids", dict(ids=ids.clone().fill_(37))),
         ("ids", dict(ids=ids.clone().fill_(-1))),
         ("ids", dict(ids=ids.to(torch.int32))),
+        ("ids", dict(ids=ids[..., :0], weights=weights[..., :0])),
         ("weights", dict(weights=weights[..., :2])),
         ("weights", dict(weights=weights.to(torch.int64))),
         ("weight", dict(weight=weight[0])),
@@ -130,7 +131,7 @@ def _bad_relaxed_inputs():
     ], dict(weight=weight, ids=ids, weights=weights)
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(11))
 def test_bad_inputs_name_the_argument(case):
     cases, good = _bad_relaxed_inputs()
     word, change = cases[case]
