@@ -59,6 +59,36 @@ def _relaxed_cpu(weight, ids, weights):
     return h.view(b, l, weight.shape[1])
 
 
+# The Triton launches are torch.library custom ops with fake (meta) implementations, so that
+# torch.compile traces through the autograd.Functions below without looking into the kernels.
+@torch.library.custom_op("duo_kernels::relaxed_embedding_forward", mutates_args=())
+def _relaxed_forward_op(weight: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return _triton_kernels().relaxed_embedding_forward(weight, ids, weights)
+
+
+@_relaxed_forward_op.register_fake
+def _(weight, ids, weights):
+    return weight.new_empty(ids.shape[0], weight.shape[1], dtype=_compute_dtype(weight, weights))
+
+
+@torch.library.custom_op("duo_kernels::relaxed_embedding_backward", mutates_args=())
+def _relaxed_backward_op(dh: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                         need_weight: bool, need_weights: bool,
+                         deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dE (V, d), dweights (N, k)) in the accumulation dtype; a gradient not needed is an empty tensor."""
+    d_weight, d_weights = _triton_kernels().relaxed_embedding_backward(dh, weight, ids, weights, need_weight,
+                                                                       need_weights, deterministic)
+    empty = dh.new_empty(0, dtype=_compute_dtype(weight, weights))
+    return (empty if d_weight is None else d_weight), (empty.clone() if d_weights is None else d_weights)
+
+
+@_relaxed_backward_op.register_fake
+def _(dh, weight, ids, weights, need_weight, need_weights, deterministic):
+    dtype = _compute_dtype(weight, weights)
+    return (dh.new_empty(weight.shape if need_weight else (0,), dtype=dtype),
+            dh.new_empty(ids.shape if need_weights else (0,), dtype=dtype))
+
+
 def _relaxed_triton(weight, ids, weights, deterministic):
     return _RelaxedEmbedding.apply(weight, ids, weights, deterministic)
 
@@ -69,7 +99,7 @@ class _RelaxedEmbedding(torch.autograd.Function):
         b, l, k = ids.shape
         ids2, weights2 = ids.reshape(-1, k).contiguous(), weights.reshape(-1, k).contiguous()
         weight_rows = weight if weight.stride(-1) == 1 else weight.contiguous()
-        h = _triton_kernels().relaxed_embedding_forward(weight_rows, ids2, weights2)
+        h = _relaxed_forward_op(weight_rows, ids2, weights2)
         ctx.save_for_backward(weight_rows, ids2, weights2)
         ctx.deterministic = deterministic
         ctx.weight_dtype, ctx.weights_dtype, ctx.weights_shape = weight.dtype, weights.dtype, weights.shape
@@ -80,13 +110,10 @@ class _RelaxedEmbedding(torch.autograd.Function):
     def backward(ctx, dh):
         weight, ids, weights = ctx.saved_tensors
         need_weight, _, need_weights = ctx.needs_input_grad[:3]
-        d_weight, d_weights = _triton_kernels().relaxed_embedding_backward(
-            dh.reshape(-1, dh.shape[-1]).contiguous(), weight, ids, weights, need_weight, need_weights,
-            ctx.deterministic)
-        if d_weight is not None:
-            d_weight = d_weight.to(ctx.weight_dtype)
-        if d_weights is not None:
-            d_weights = d_weights.to(ctx.weights_dtype).view(ctx.weights_shape)
+        d_weight, d_weights = _relaxed_backward_op(dh.reshape(-1, dh.shape[-1]).contiguous(), weight, ids, weights,
+                                                   need_weight, need_weights, ctx.deterministic)
+        d_weight = d_weight.to(ctx.weight_dtype) if need_weight else None
+        d_weights = d_weights.to(ctx.weights_dtype).view(ctx.weights_shape) if need_weights else None
         return d_weight, None, d_weights, None
 
 
@@ -214,12 +241,44 @@ def _dense_backward_cpu(dh, x, saved, vocab_size, tau, seed):
     return d_weight
 
 
+def _int64(seed: int) -> int:
+    """A seed in [0, 2^64) as the int64 of the same bits (custom-op schemas carry int64)."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+@torch.library.custom_op("duo_kernels::tempered_softmax_embedding_forward", mutates_args=())
+def _dense_forward_op(x: torch.Tensor, a_tilde: torch.Tensor, s_tilde: torch.Tensor, weight: torch.Tensor,
+                      tau: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h (N, d) fp32, z_t (N,) int64, c (N,) fp32, statistics (3, N) fp32) for N flattened tokens."""
+    h, z, (c, stats) = _triton_kernels().dense_forward(x, a_tilde, s_tilde, tau, weight, seed % 2**64)
+    return h, z, c, stats
+
+
+@_dense_forward_op.register_fake
+def _(x, a_tilde, s_tilde, weight, tau, seed):
+    n = x.shape[0]
+    return (weight.new_empty(n, weight.shape[1], dtype=torch.float32), x.new_empty(n),
+            weight.new_empty(n, dtype=torch.float32), weight.new_empty(3, n, dtype=torch.float32))
+
+
+@torch.library.custom_op("duo_kernels::tempered_softmax_embedding_backward", mutates_args=())
+def _dense_backward_op(dh: torch.Tensor, x: torch.Tensor, c: torch.Tensor, stats: torch.Tensor, vocab_size: int,
+                       seed: int) -> torch.Tensor:
+    return _triton_kernels().dense_backward(dh, x, (c, stats), vocab_size, seed % 2**64)
+
+
+@_dense_backward_op.register_fake
+def _(dh, x, c, stats, vocab_size, seed):
+    return dh.new_empty(vocab_size, dh.shape[1], dtype=torch.float32)
+
+
 def _dense_forward_triton(x, a_tilde, s_tilde, tau, weight, seed):
-    return _triton_kernels().dense_forward(x, a_tilde, s_tilde, tau, weight, seed)
+    h, z, c, stats = _dense_forward_op(x, a_tilde, s_tilde, weight, tau, _int64(seed))
+    return h, z, (c, stats)
 
 
 def _dense_backward_triton(dh, x, saved, vocab_size, tau, seed):
-    return _triton_kernels().dense_backward(dh, x, saved, vocab_size, seed)
+    return _dense_backward_op(dh, x, *saved, vocab_size, _int64(seed))
 
 
 _DENSE_BACKWARD = {"cpu": _dense_backward_cpu, "triton": _dense_backward_triton}

@@ -185,3 +185,19 @@ def test_bad_inputs_name_the_argument(impl, word, change):
     kwargs.update(change)
     with pytest.raises(ValueError, match=word):
         duo_kernels.tempered_softmax_embedding(**kwargs, impl=impl)
+
+
+def test_triton_launches_are_registered_custom_ops():
+    """torch.library registration: schema, fake (meta) implementation and AOT dispatch agree; seeds of
+    2^63 and above travel through the int64 schema as their two's-complement bits."""
+    device = device_for("triton")
+    weight, x0, upstream = _inputs(b=1, l=6, vocab=37, d=8, seed=13)
+    x, weight, upstream = x0.view(-1).to(device), weight.to(device), upstream.view(6, 8).to(device)
+    a_tilde, s_tilde = reference.gaussian_params(torch.full((6,), -2.0, dtype=torch.float64, device=device))
+    torch.library.opcheck(embedding._dense_forward_op, (x, a_tilde, s_tilde, weight, 0.1, -5))
+    _, _, c, stats = embedding._dense_forward_op(x, a_tilde, s_tilde, weight, 0.1, -5)
+    torch.library.opcheck(embedding._dense_backward_op, (upstream, x, c, stats, 37, -5))
+    h, z_t = duo_kernels.tempered_softmax_embedding(x.view(1, 6), -2.0, 0.1, weight, seed=2**64 - 5, impl="triton")
+    ref_h, ref_z = reference.tempered_softmax_embedding(x0, -2.0, 0.1, weight.cpu(), seed=2**64 - 5)
+    assert torch.equal(z_t.cpu(), ref_z)
+    torch.testing.assert_close(h.cpu(), ref_h, rtol=1e-6, atol=1e-6)

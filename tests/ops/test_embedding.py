@@ -199,3 +199,13 @@ def test_docstring_examples():
     result = doctest.testmod(embedding, extraglobs={"torch": torch},
                              optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_triton_launches_are_registered_custom_ops():
+    """torch.library registration: schema, fake (meta) implementation and AOT dispatch agree."""
+    weight, ids, weights, upstream = _inputs(2, 3, 4, 37, 20, seed=12, device=device_for("triton"))
+    ids, weights, upstream = ids.view(6, 4), weights.view(6, 4), upstream.view(6, 20)
+    torch.library.opcheck(embedding._relaxed_forward_op, (weight, ids, weights))
+    for need_weight, need_weights, deterministic in [(True, True, False), (True, False, True), (False, True, False)]:
+        torch.library.opcheck(embedding._relaxed_backward_op,
+                              (upstream, weight, ids, weights, need_weight, need_weights, deterministic))
