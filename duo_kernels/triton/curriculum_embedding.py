@@ -22,6 +22,13 @@ Saved for backward, per token: ``m`` (noise max), ``lse`` (log normaliser in the
 ``P[t, v] = exp(c (eps_v - m) - lse)`` for v != x) and ``p_x`` (the clean probability): 12 bytes a
 token. The backward kernel owns a (vocabulary tile, d tile) of dE and walks all tokens in order, so
 dE is deterministic without atomics; it recomputes the scores from the RNG.
+
+GPU cost drivers (not yet measured: no GPU was available): every score needs a Philox block and a
+float64 Box-Muller (the contract's exact float32 normal, so that z_t matches the reference); programs
+of different d tiles repeat that work (3 times at d = 768, in forward and in backward); and the two
+(B L) x V x d GEMMs run as fp32 FMA unless ``torch.set_float32_matmul_precision("high")`` allows TF32.
+The first levers if the GPU report falls short: a float32 Box-Muller (normals within a few ulp of
+the contract, z_t then equal except at near-ties), and wider d tiles.
 """
 
 import torch
@@ -295,12 +302,13 @@ def _dense_bwd_kernel(x_ptr, c_ptr, m_ptr, lse_ptr, px_ptr, dh_ptr, de_ptr,
 
 
 def _dense_tiles(d: int) -> dict:
-    """Tile sizes: small under the interpreter (~1 ms per program step); on a GPU, 64 x 64 score tiles
-    and d tiles of up to 256 columns (d = 768 runs as 3 d tiles, each repeating the RNG work).
-    [GPU tile sizes untuned: no GPU was available when this was written.]"""
+    """Tile sizes: small under the interpreter (~1 ms per program step). On a GPU: 64 x 64 score tiles
+    and d tiles of up to 256 columns (d = 768 runs as 3 d tiles, each repeating the RNG work), two
+    pipeline stages so that a [64, 256] fp32 operand tile (64 KiB) fits shared memory twice.
+    [Untuned: no GPU was available when this was written.]"""
     if triton_interpreted():
-        return dict(BT=16, BV=64, BD=_pow2(d, hi=64), num_warps=4)
-    return dict(BT=64, BV=64, BD=_pow2(d, hi=256), num_warps=8)
+        return dict(BT=16, BV=64, BD=_pow2(d, hi=64), num_warps=4, num_stages=1)
+    return dict(BT=64, BV=64, BD=_pow2(d, hi=256), num_warps=8, num_stages=2)
 
 
 def matmul_precision() -> str:

@@ -18,7 +18,7 @@ from tests.devices import device_for
 IMPLS = ["cpu", "triton"]
 # The Triton interpreter runs ~1 ms per program step: keep its shapes tiny (B L <= 8, V <= 300, d <= 32).
 TRITON_SHAPE = dict(b=2, l=3, vocab=300, d=20)
-CPU_SHAPE = dict(b=3, l=20, vocab=1000, d=48)
+CPU_SHAPE = dict(b=2, l=12, vocab=1000, d=48)
 
 
 def _inputs(b, l, vocab, d, seed):

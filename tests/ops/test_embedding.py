@@ -63,8 +63,8 @@ def test_cpu_property(vocab, b, l, k, d, deterministic, seed):
     _check_against_reference(*_inputs(b, l, k, vocab, d, seed), deterministic=deterministic, impl="cpu")
 
 
-@settings(max_examples=6)
-@given(vocab=st.sampled_from([2, 37, 1000]), l=st.integers(1, 4), k=st.sampled_from([1, 3]),
+@settings(max_examples=6)  # the interpreter runs ~1 ms per program: V <= 300 (one program per row of dE)
+@given(vocab=st.sampled_from([2, 37, 300]), l=st.integers(1, 4), k=st.sampled_from([1, 3]),
        d=st.sampled_from([1, 20]), deterministic=st.booleans(), seed=st.integers(0, 2**16))
 def test_triton_property(vocab, l, k, d, deterministic, seed):
     _check_against_reference(*_inputs(1, l, k, vocab, d, seed, device=device_for("triton")),
