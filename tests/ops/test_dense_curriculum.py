@@ -75,6 +75,13 @@ def test_extreme_gamma_per_token(impl):
     _check_against_reference(weight, x0, upstream, gamma, 1e-3, seed=3, impl=impl)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("vocab", [2, 37])
+def test_one_token(impl, vocab):
+    weight, x0, upstream = _inputs(b=1, l=1, vocab=vocab, d=3, seed=vocab)
+    _check_against_reference(weight, x0, upstream + 1, -1.0, 0.3, seed=9, impl=impl)
+
+
 @given(vocab=st.sampled_from([2, 37, 1000]), b=st.integers(1, 3), l=st.integers(1, 6), d=st.sampled_from([1, 5, 16]),
        log_tau=st.floats(-4, 1), gamma=st.floats(-8, 8), seed=st.integers(0, 2**64 - 1))
 def test_cpu_property(vocab, b, l, d, log_tau, gamma, seed):

@@ -57,6 +57,13 @@ def test_matches_reference_with_masked_gradient(impl, deterministic):
                              impl=impl)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_one_token(impl, deterministic):
+    weight, ids, weights, upstream = _inputs(1, 1, 1, 2, 3, seed=10, device=device_for(impl))
+    _check_against_reference(weight, ids, weights, upstream + 1, deterministic=deterministic, impl=impl)
+
+
 @given(vocab=st.sampled_from([2, 37, 1000]), b=st.integers(1, 3), l=st.integers(1, 5), k=st.integers(1, 4),
        d=st.sampled_from([1, 3, 16, 33]), deterministic=st.booleans(), seed=st.integers(0, 2**16))
 def test_cpu_property(vocab, b, l, k, d, deterministic, seed):
