@@ -7,6 +7,9 @@ of the same name and signature in :mod:`duo_kernels.reference`.
 from duo_kernels._version import __version__
 from duo_kernels import rng
 from duo_kernels.ops.curriculum import tempered_softmax_topk
+from duo_kernels.ops.embedding import (relaxed_embedding, tempered_softmax_embedding,
+                                       tempered_softmax_topk_embedding)
 from duo_kernels.ops.forward_process import gaussian_argmax, gaussian_argmax_pair, usdm_forward
 
-__all__ = ["__version__", "rng", "gaussian_argmax", "gaussian_argmax_pair", "usdm_forward", "tempered_softmax_topk"]
+__all__ = ["__version__", "rng", "gaussian_argmax", "gaussian_argmax_pair", "usdm_forward", "tempered_softmax_topk",
+           "relaxed_embedding", "tempered_softmax_topk_embedding", "tempered_softmax_embedding"]
