@@ -1,9 +1,11 @@
 // Duo++'s top-k relaxation on CPU (duo-math §4.4): one token per iteration, O(k^2) work and O(k)
-// scratch per token, any k. About 1 us per token at k = 8 on one core of the development machine,
-// 80% of it in the k order statistics (a Philox block, log, expm1 and ndtri each).
+// scratch per token, any k. About 0.9 us per token at k = 8 on one core of the development machine
+// (CPU time), two thirds of it in the k order statistics: a Philox block, log, expm1 and ndtri (two
+// more logs and a sqrt) each, all scalar libm calls.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -15,7 +17,7 @@ void tempered_softmax_topk(at::Tensor& ids, at::Tensor& weights, at::Tensor& z_t
                            const at::Tensor& gamma, int64_t vocab_size, int64_t k, double inv_tau,
                            bool reference_compat, uint64_t seed) {
   const int64_t num_tokens = x0.numel();
-  const TopkConfig cfg{seed, num_tokens, vocab_size, static_cast<int>(k), inv_tau, reference_compat};
+  const TopkConfig cfg = make_topk_config(seed, num_tokens, vocab_size, static_cast<int>(k), inv_tau, reference_compat);
   const int64_t* x = x0.data_ptr<int64_t>();
   const int64_t length = x0.size(1);
   const PerToken g{gamma.data_ptr<double>(), gamma.stride(0), gamma.stride(1)};
@@ -28,9 +30,17 @@ void tempered_softmax_topk(at::Tensor& ids, at::Tensor& weights, at::Tensor& z_t
     std::vector<double> others(k);
     std::vector<int64_t> scratch(3 * k);
     const TopkScratch s{others.data(), scratch.data(), scratch.data() + k, scratch.data() + 2 * k};
-    for (int64_t t = begin; t < end; ++t) {
-      tempered_softmax_topk_token(cfg, s, t, x[t], per_token(g, t, length), out_ids + t * k, out_weights + t * k,
-                                  out_z + t);
+    PerTokenCursor gamma_at(g, begin, length);
+    // a~ and s~ once per run of equal gamma (a per-sequence gamma: once per row)
+    double last_gamma = NAN;
+    GaussianStd std_dev{0.0, 0.0};
+    for (int64_t t = begin; t < end; ++t, gamma_at.next()) {
+      const double gamma_t = gamma_at.value();
+      if (!(gamma_t == last_gamma)) {
+        std_dev = gaussian_std(gamma_t);
+        last_gamma = gamma_t;
+      }
+      tempered_softmax_topk_token(cfg, s, t, x[t], std_dev, out_ids + t * k, out_weights + t * k, out_z + t);
     }
   });
 }

@@ -23,10 +23,11 @@ void gaussian_argmax(at::Tensor& z_t, at::Tensor& z_s, const at::Tensor& x0, con
   const PerToken g_s = pair ? view(gamma_s) : g_t;
   int64_t* out_s = pair ? z_s.data_ptr<int64_t>() : nullptr;
   at::parallel_for(0, x0.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
+    PerTokenCursor c_t(g_t, begin, length), c_s(g_s, begin, length);
+    for (int64_t t = begin; t < end; ++t, c_t.next(), c_s.next()) {
       const ArgmaxDraws d = gaussian_argmax_draws(seed, t, x[t], vocab_size);
-      out_t[t] = gaussian_argmax_decide(d, x[t], per_token(g_t, t, length));
-      if (pair) out_s[t] = gaussian_argmax_decide(d, x[t], per_token(g_s, t, length));
+      out_t[t] = gaussian_argmax_decide(d, x[t], c_t.value());
+      if (pair) out_s[t] = gaussian_argmax_decide(d, x[t], c_s.value());
     }
   });
 }
@@ -37,7 +38,8 @@ void usdm_forward(at::Tensor& z_t, const at::Tensor& x0, const at::Tensor& alpha
   const PerToken a = view(alpha);
   int64_t* out = z_t.data_ptr<int64_t>();
   at::parallel_for(0, x0.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) out[t] = usdm_forward_token(seed, t, x[t], per_token(a, t, length), vocab_size);
+    PerTokenCursor c(a, begin, length);
+    for (int64_t t = begin; t < end; ++t, c.next()) out[t] = usdm_forward_token(seed, t, x[t], c.value(), vocab_size);
   });
 }
 

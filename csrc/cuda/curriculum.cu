@@ -17,8 +17,8 @@ __global__ void tempered_softmax_topk_kernel(int64_t* ids, float* weights, int64
   const duo::TopkScratch scratch{others, picks, moved, other_ids};
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < cfg.num_tokens;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    duo::tempered_softmax_topk_token(cfg, scratch, t, x0[t], duo::per_token(gamma, t, length), ids + t * cfg.k,
-                                     weights + t * cfg.k, z_t + t);
+    duo::tempered_softmax_topk_token(cfg, scratch, t, x0[t], duo::gaussian_std(duo::per_token(gamma, t, length)),
+                                     ids + t * cfg.k, weights + t * cfg.k, z_t + t);
   }
 }
 
@@ -40,7 +40,7 @@ int duo_tempered_softmax_topk(int64_t* ids, float* weights, int64_t* z_t, const 
                               int64_t length, duo::PerToken gamma, int64_t vocab_size, int k, double inv_tau,
                               bool reference_compat, uint64_t seed, void* stream) {
   if (num_tokens == 0) return 0;
-  const duo::TopkConfig cfg{seed, num_tokens, vocab_size, k, inv_tau, reference_compat};
+  const duo::TopkConfig cfg = duo::make_topk_config(seed, num_tokens, vocab_size, k, inv_tau, reference_compat);
   if (k <= 8) return launch<8>(ids, weights, z_t, x0, length, gamma, cfg, stream);
   if (k <= 32) return launch<32>(ids, weights, z_t, x0, length, gamma, cfg, stream);
   if (k <= 128) return launch<128>(ids, weights, z_t, x0, length, gamma, cfg, stream);

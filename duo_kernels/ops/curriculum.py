@@ -28,7 +28,7 @@ from duo_kernels import _validate
 from duo_kernels._dispatch import check_impl, dispatch
 from duo_kernels.reference import curriculum as _reference
 from duo_kernels.reference.curriculum import _check_k
-from duo_kernels.ops.forward_process import _on_device
+from duo_kernels.ops.forward_process import _native, _on_device
 from duo_kernels.reference.forward_process import _check_tokens, _log_snr
 from duo_kernels.rng import resolve_seed
 
@@ -37,14 +37,11 @@ MAX_DEVICE_K = 128
 
 
 def _native_topk(x0, gamma, vocab_size, k, tau, reference_compat, seed):
-    from duo_kernels import _native
-
     b, l = x0.shape
     ids = torch.empty((b, l, k), dtype=torch.int64, device=x0.device)
     weights = torch.empty((b, l, k), dtype=torch.float32, device=x0.device)
     z_t = torch.empty_like(x0)
-    _native.load().tempered_softmax_topk(ids, weights, z_t, x0, gamma, vocab_size, k, 1.0 / tau, reference_compat,
-                                         seed)
+    _native().tempered_softmax_topk(ids, weights, z_t, x0, gamma, vocab_size, k, 1.0 / tau, reference_compat, seed)
     return ids, weights, z_t
 
 

@@ -22,6 +22,8 @@ they return the reference's ``z_t`` exactly (up to decisions within an ulp of th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from duo_kernels._dispatch import dispatch
@@ -36,7 +38,9 @@ def _on_device(value: torch.Tensor, device: torch.device) -> torch.Tensor:
     return value if value.device == device else value.to(device)
 
 
+@functools.cache
 def _native():
+    """The native module, looked up once (dispatch has checked that it builds)."""
     from duo_kernels import _native
 
     return _native.load()

@@ -63,8 +63,8 @@ def test_native_matches_reference(k, compat):
     b, l, vocab_size = 4, 64, OWT_VOCAB
     x0 = random_ids((b, l), vocab_size, seed=k)
     gamma = torch.tensor([-8.0, -3.55, -1.85, 6.0], dtype=torch.float64)  # around and beyond the OWT window
-    # (the reference takes ~0.5 s per call at k = 128: two temperatures there)
-    for i, tau in enumerate([1e-4, 1e-3, 0.1, 10.0] if k < 128 else [1e-3, 10.0]):
+    # (the reference's k shuffle steps take seconds at k = 128: one temperature there)
+    for i, tau in enumerate([1e-4, 1e-3, 0.1, 10.0] if k < 128 else [1e-3]):
         seed = 2**64 - 1 - i if i % 2 else i
         assert_matches_reference(topk("cpu", x0, gamma, vocab_size, k, tau, compat, seed), x0, gamma, vocab_size, k,
                                  tau, compat, seed)
@@ -112,9 +112,9 @@ def test_one_token_and_the_whole_vocabulary(impl):
 
 def test_native_takes_any_k():
     """The C++ kernel has no k limit (the GPU kernels stop at 128)."""
-    x0 = random_ids((2, 8), 1000, seed=1)
-    got = topk("cpu", x0, -2.5, 1000, 160, 0.5, seed=3)
-    assert_matches_reference(got, x0, -2.5, 1000, 160, 0.5, False, 3)
+    x0 = random_ids((2, 4), 1000, seed=1)
+    got = topk("cpu", x0, -2.5, 1000, 129, 0.5, seed=3)
+    assert_matches_reference(got, x0, -2.5, 1000, 129, 0.5, False, 3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def valid_k(vocab_size, k, compat):
     return k <= vocab_size - 1 and (k >= 2 or not compat)
 
 
-@settings(max_examples=20)
+@settings(max_examples=15)
 @given(vocab_size=st.sampled_from(VOCABS), k=st.sampled_from(KS), log10_tau=st.floats(-4.0, 1.0),
        gamma=st.floats(-20.0, 12.0), compat=st.booleans(), b=st.integers(1, 2), l=st.integers(1, 5),
        seed=st.integers(0, 2**64 - 1))

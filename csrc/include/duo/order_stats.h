@@ -50,7 +50,14 @@ struct TopkConfig {
   int k;
   double inv_tau;
   bool reference_compat;
+  double log_tail_count[2];  // log(V - k - 1), log(V - k): the tail sizes without / with w_x visible (compat)
 };
+
+DUO_HD TopkConfig make_topk_config(uint64_t seed, int64_t num_tokens, int64_t vocab_size, int k, double inv_tau,
+                                   bool reference_compat) {
+  return TopkConfig{seed, num_tokens, vocab_size, k, inv_tau, reference_compat,
+                    {log(static_cast<double>(vocab_size - k - 1)), log(static_cast<double>(vocab_size - k))}};
+}
 
 // The state of one token between its three phases: begin, k order-statistic steps, finish.
 struct TopkToken {
@@ -59,12 +66,19 @@ struct TopkToken {
   double cum_log_u;  // sum_{i < j} log(U_i) / (V - 1 - i) after j steps
 };
 
-// Block 0: a~, s~ (1.2) and the clean coordinate w_x = a~ + s~ n, n the float64 normal of counter t.
-DUO_HD TopkToken topk_begin(const TopkConfig& cfg, int64_t t, double gamma) {
-  const double a_tilde = sqrt(1.0 / (1.0 + exp(gamma)));  // sqrt(sigmoid(-gamma)), as torch.sigmoid
-  const double s_tilde = sqrt(1.0 / (1.0 + exp(-gamma)));
+// a~ = sqrt(sigmoid(-gamma)) and s~ = sqrt(sigmoid(gamma)) (1.2), sigmoid as torch.sigmoid.
+struct GaussianStd {
+  double a_tilde, s_tilde;
+};
+
+DUO_HD GaussianStd gaussian_std(double gamma) {
+  return GaussianStd{sqrt(1.0 / (1.0 + exp(gamma))), sqrt(1.0 / (1.0 + exp(-gamma)))};
+}
+
+// Block 0: the clean coordinate w_x = a~ + s~ n, n the float64 normal of counter t.
+DUO_HD TopkToken topk_begin(const TopkConfig& cfg, int64_t t, const GaussianStd& g) {
   const Words w = philox(cfg.seed, static_cast<uint64_t>(t));
-  return TopkToken{s_tilde, a_tilde + s_tilde * box_muller(uniform53(w.w0, w.w1), uniform53(w.w2, w.w3)), 0.0};
+  return TopkToken{g.s_tilde, g.a_tilde + g.s_tilde * box_muller(uniform53(w.w0, w.w1), uniform53(w.w2, w.w3)), 0.0};
 }
 
 // Block 1 + j: the order statistic o_j (returned) and the Fisher-Yates swap target r_j (*pick).
@@ -92,29 +106,30 @@ DUO_HD void topk_finish(const TopkConfig& cfg, const TopkToken& tok, double* o, 
 
   // Slots: exact mode sorts the k largest of the k + 1 drawn values (w_x at its rank); compat mode
   // overwrites the last slot when w_x beats o_{k-1}. `hidden` is the drawn value left out (if any),
-  // the tail holds `tail_count` undrawn noise coordinates below `truncation`.
-  double hidden, truncation, tail_count;
+  // the tail holds the undrawn noise coordinates below `truncation`.
+  double hidden, truncation;
   int rank = k;  // the slot of w_x, k if not visible
+  bool bigger_tail = false;  // compat with w_x visible: V - k tail members, else V - k - 1
   if (!cfg.reference_compat) {
     rank = 0;
     for (int j = 0; j < k; ++j) rank += o[j] > w_x ? 1 : 0;
     hidden = rank < k ? o[k - 1] : w_x;
     truncation = o[k - 1];
-    tail_count = static_cast<double>(cfg.vocab_size - k - 1);
   } else {
-    const bool visible = w_x > o[k - 1];
-    if (visible) rank = k - 1;
-    hidden = visible ? -HUGE_VAL : w_x;
-    truncation = visible ? o[k - 2] : o[k - 1];
-    tail_count = static_cast<double>(visible ? cfg.vocab_size - k : cfg.vocab_size - k - 1);
+    bigger_tail = w_x > o[k - 1];
+    if (bigger_tail) rank = k - 1;
+    hidden = bigger_tail ? -HUGE_VAL : w_x;
+    truncation = bigger_tail ? o[k - 2] : o[k - 1];
   }
   // slot s holds w_x if s == rank, else o[s - (s > rank)] (exact) or o[s] (compat: rank is k - 1)
   const int shift = cfg.reference_compat ? 0 : 1;
   auto source = [&](int s) { return s - (s > rank ? shift : 0); };
 
   const double inv_tau = cfg.inv_tau;
-  const double log_tail =
-      tail_count > 0 ? log(tail_count) + log_truncated_mean_exp(truncation, tok.s_tilde, inv_tau) : -HUGE_VAL;
+  const bool has_tail = bigger_tail || cfg.vocab_size - k - 1 > 0;
+  const double log_tail = has_tail ? cfg.log_tail_count[bigger_tail ? 1 : 0] +
+                                         log_truncated_mean_exp(truncation, tok.s_tilde, inv_tau)
+                                   : -HUGE_VAL;
   // log Z as torch.logsumexp (shift by the max, 0 if infinite, sum in slot order, then hidden and
   // tail); each weight exp(v - log Z) is then exp(v - m) / sum: one exp per slot, not two. The
   // shifted terms of the noise slots replace their o[j], which is read once per slot.
@@ -153,8 +168,8 @@ struct TopkScratch {
 
 // One token of tempered_softmax_topk: writes ids[0..k), weights[0..k) and *z_t.
 DUO_HD void tempered_softmax_topk_token(const TopkConfig& cfg, const TopkScratch& scratch, int64_t t, int64_t x,
-                                        double gamma, int64_t* ids, float* weights, int64_t* z_t) {
-  TopkToken tok = topk_begin(cfg, t, gamma);
+                                        const GaussianStd& g, int64_t* ids, float* weights, int64_t* z_t) {
+  TopkToken tok = topk_begin(cfg, t, g);
   for (int j = 0; j < cfg.k; ++j) scratch.others[j] = topk_step(cfg, t, j, tok, scratch.picks + j);
   topk_finish(cfg, tok, scratch.others, scratch.picks, scratch.moved, scratch.other_ids, x, ids, weights, z_t);
 }
