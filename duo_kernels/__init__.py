@@ -6,5 +6,8 @@ of the same name and signature in :mod:`duo_kernels.reference`.
 
 from duo_kernels._version import __version__
 from duo_kernels import rng
+from duo_kernels.ops.sampling import ancestral_step, greedy_tail
+# Host-side schedule math of the sampler loop (duo-math §6.4): the reference's, re-exported.
+from duo_kernels.reference.sampling import psi_kappas, sampling_timesteps
 
-__all__ = ["__version__", "rng"]
+__all__ = ["__version__", "rng", "ancestral_step", "greedy_tail", "psi_kappas", "sampling_timesteps"]

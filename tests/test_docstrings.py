@@ -13,6 +13,7 @@ MODULES = [
     "duo_kernels.reference.nelbo",
     "duo_kernels.reference.dcd",
     "duo_kernels.reference.sampling",
+    "duo_kernels.ops.sampling",
 ]
 
 
