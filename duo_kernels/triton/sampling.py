@@ -8,8 +8,8 @@ A program owns ``BLOCK_R`` rows (tokens) and walks their logits in ``BLOCK_V`` c
    entries before ``z_t`` share its logit;
 2. nucleus only: a threshold search over the logit values — every pass splits the candidate
    interval into ``NUM_BUCKETS`` ranges of the order-preserving int32 key of the fp32 logits and
-   keeps the range that holds the threshold, snapped to the values it contains; 3-5 passes on
-   ordinary logits, 10 at worst;
+   keeps the range that holds the threshold, snapped to the values it contains; 1-7 passes on
+   the logits tried (README), 10 at worst;
 3. the mixture weights (3.4)/(6.2) in fp64 and the component choice from counter ``N V + t``;
 4. only for rows whose component is x_theta: one Gumbel-max pass over the kept entries, with the
    Gumbel from 53-bit uniforms computed without cancellation (:func:`exponential53`).
