@@ -233,9 +233,11 @@ def _cpu_greedy_tail(logits, z_t, return_probs: bool):
     z = z_t.reshape(-1) if return_probs else None
     for r0, rows in _row_chunks(logits, max(1, CHUNK_ELEMENTS // logits.shape[-1])):
         r1 = r0 + rows.shape[0]
-        x = rows.to(torch.float32)
-        flat_ids[r0:r1] = x.argmax(dim=-1)
+        # argmax in the logits' own dtype, as the reference (for half types and float32 the same ids
+        # as on the float32 values the kernel reads), without a converted copy
+        flat_ids[r0:r1] = rows.argmax(dim=-1)
         if return_probs:
+            x = rows.to(torch.float32)
             m = x.amax(dim=-1)
             log_s = torch.log(torch.exp(x - m[:, None]).sum(dim=-1).double())
             l_z = x.gather(-1, z[r0:r1, None])[:, 0]
