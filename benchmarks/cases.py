@@ -347,3 +347,83 @@ for _variant, _wrap in (("fp32", lambda fn: fn), ("tf32", _tf32)):
         target="≥ 10× reference; ≤ 2 GiB extra at B = 32",
         backward=True,
     ))
+
+# ---- sampling --------------------------------------------------------------------------------------
+# One step of an 8-step sampler at t = 0.5 -> s = 0.375 (log-linear: alpha = 1 - t), kappa = 1, bf16
+# logits as the backbone emits them. The reference path is a transcription of the published Duo
+# sampler's hot path (duo-math §6.1, §6.3, H10-H11), not our reference (which already uses the mixture
+# form): log_softmax -> float64, the sort-based nucleus filter, the dense posterior (3.2) with a
+# one-hot z_t, and the exponential race argmax(q / E), E = 1e-10 - log(U + 1e-10), U float64 (B, L, V).
+SAMPLING_ALPHA_T, SAMPLING_ALPHA_S = 0.5, 0.625
+
+
+def _sampling_inputs(shape: Shape, device: torch.device) -> Inputs:
+    gen = torch.Generator(device=device).manual_seed(0)
+    batch, seq_len, vocab_size = shape["B"], shape["L"], shape["V"]
+    logits = (3 * torch.randn(batch, seq_len, vocab_size, generator=gen, device=device)).to(torch.bfloat16)
+    z_t = torch.randint(0, vocab_size, (batch, seq_len), generator=gen, device=device)
+    return {"logits": logits, "z_t": z_t}
+
+
+def published_top_p_filter(log_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The published nucleus filter on float64 log-probabilities: sort, cumulative softmax, drop the
+    entries whose mass before them exceeds top_p (keeping the top one), renormalise."""
+    sorted_log_probs, order = torch.sort(log_probs, dim=-1, descending=True)
+    cumulative = sorted_log_probs.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative > top_p
+    remove[..., 1:] = remove[..., :-1].clone()
+    remove[..., 0] = False
+    log_probs = log_probs.masked_fill(remove.scatter(-1, order, remove), -torch.inf)
+    return log_probs - log_probs.logsumexp(dim=-1, keepdim=True)
+
+
+def published_ancestral_step(logits: torch.Tensor, z_t: torch.Tensor, alpha_t: float, alpha_s: float,
+                             top_p: float = 1.0) -> torch.Tensor:
+    """The published Duo ancestral update (float64 posterior (3.2) and exponential race)."""
+    vocab_size = logits.shape[-1]
+    log_x = logits.log_softmax(dim=-1).to(torch.float64)
+    if top_p < 1.0:
+        log_x = published_top_p_filter(log_x, top_p)
+    x = log_x.exp()
+    z = torch.nn.functional.one_hot(z_t, vocab_size)
+    alpha_ts = alpha_t / alpha_s
+    q = ((alpha_t * vocab_size * x * z + (alpha_ts - alpha_t) * z + (alpha_s - alpha_t) * x
+          + (1 - alpha_ts) * (1 - alpha_s) / vocab_size)
+         / (alpha_t * vocab_size * x.gather(-1, z_t[..., None]) + 1 - alpha_t))
+    exponential = 1e-10 - (torch.rand_like(q) + 1e-10).log()
+    return (q / exponential).argmax(dim=-1)
+
+
+def _sampling_bytes(shape: Shape) -> int:
+    # bf16 logits read once; int64 z_t read and z_s written
+    return 2 * shape["B"] * shape["L"] * shape["V"] + 16 * shape["B"] * shape["L"]
+
+
+def _register_step(top_p: float) -> None:
+    register(Case(
+        name=f"ancestral_step top_p={top_p:g}",
+        family="sampling",
+        make_inputs=_sampling_inputs,
+        fused=lambda i: duo_kernels.ancestral_step(i["logits"], i["z_t"], SAMPLING_ALPHA_T, SAMPLING_ALPHA_S,
+                                                   top_p=top_p, seed=0),
+        reference=lambda i: published_ancestral_step(i["logits"], i["z_t"], SAMPLING_ALPHA_T, SAMPLING_ALPHA_S,
+                                                     top_p),
+        bytes_moved=_sampling_bytes,
+        target="≥ 50× reference (≥ 8× its torch.compile)",
+        shape=dict(SAMPLING_SHAPE),
+    ))
+
+
+_register_step(1.0)
+_register_step(0.9)
+register(Case(
+    name="greedy_tail",
+    family="sampling",
+    make_inputs=_sampling_inputs,
+    fused=lambda i: duo_kernels.greedy_tail(i["logits"]),
+    reference=lambda i: i["logits"].argmax(dim=-1),
+    # bf16 logits read once; int64 ids written
+    bytes_moved=lambda s: 2 * s["B"] * s["L"] * s["V"] + 8 * s["B"] * s["L"],
+    target="≈ torch.argmax (same bytes)",
+    shape=dict(SAMPLING_SHAPE),
+))

@@ -10,6 +10,10 @@ from duo_kernels.ops.curriculum import tempered_softmax_topk
 from duo_kernels.ops.embedding import (relaxed_embedding, tempered_softmax_embedding,
                                        tempered_softmax_topk_embedding)
 from duo_kernels.ops.forward_process import gaussian_argmax, gaussian_argmax_pair, usdm_forward
+from duo_kernels.ops.sampling import ancestral_step, greedy_tail
+# Host-side schedule math of the sampler loop (duo-math §6.4): the reference's, re-exported.
+from duo_kernels.reference.sampling import psi_kappas, sampling_timesteps
 
 __all__ = ["__version__", "rng", "gaussian_argmax", "gaussian_argmax_pair", "usdm_forward", "tempered_softmax_topk",
-           "relaxed_embedding", "tempered_softmax_topk_embedding", "tempered_softmax_embedding"]
+           "relaxed_embedding", "tempered_softmax_topk_embedding", "tempered_softmax_embedding",
+           "ancestral_step", "greedy_tail", "psi_kappas", "sampling_timesteps"]

@@ -15,6 +15,7 @@ MODULES = [
     "duo_kernels.reference.sampling",
     "duo_kernels.ops.forward_process",
     "duo_kernels.ops.curriculum",
+    "duo_kernels.ops.sampling",
 ]
 
 
