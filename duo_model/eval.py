@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from duo_model.checkpoint import load_model
-from duo_model.config import setting
+from duo_model.config import ConfigError, setting
 from duo_model.data import prepare_data
 from duo_model.dit import DiT
 from duo_model.loss import ARLoss, DuoLoss, Phase, antithetic_t, perplexity
@@ -41,6 +41,7 @@ class EvalConfig:
     seed: int = setting(1, "seed of the times and noise")
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     precision: str = setting("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32", ("auto", "bf16", "fp32"))
+    num_threads: int = setting(0, "torch CPU threads (0 = torch's default)")
 
 
 @torch.no_grad()
@@ -76,16 +77,22 @@ def validation_nll(model: DiT, sequences: torch.Tensor, *, algo: str, batch_size
 def evaluate_checkpoint(path: str, cfg: EvalConfig) -> dict:
     """Score a run folder's latest checkpoint (or a checkpoint folder) as configured."""
     if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     env, device = setup_distributed(cfg.device)
-    model, info = load_model(path, ema=cfg.ema, device=device)
-    saved = info["config"]["train"]
-    data = prepare_data(corpus=cfg.corpus or saved["corpus"], tokenizer=info["tokenizer"],
-                        seq_len=cfg.seq_len or saved["seq_len"], val_fraction=cfg.val_fraction or saved["val_fraction"],
-                        cache=cfg.cache_dir or None)
-    sequences = data.validation if cfg.split == "validation" else data.train
-    result = validation_nll(model, sequences, algo=saved["algo"], batch_size=cfg.batch_size, seed=cfg.seed,
-                            device=device, precision=cfg.precision, max_batches=cfg.batches or None,
-                            rank=env.rank, world_size=env.world_size)
+    try:
+        model, info = load_model(path, ema=cfg.ema, device=device)
+        saved = info["config"]["train"]
+        data = prepare_data(corpus=cfg.corpus or saved["corpus"], tokenizer=info["tokenizer"],
+                            seq_len=cfg.seq_len or saved["seq_len"],
+                            val_fraction=cfg.val_fraction or saved["val_fraction"], cache=cfg.cache_dir or None)
+        sequences = data.validation if cfg.split == "validation" else data.train
+        result = validation_nll(model, sequences, algo=saved["algo"], batch_size=cfg.batch_size, seed=cfg.seed,
+                                device=device, precision=cfg.precision, max_batches=cfg.batches or None,
+                                rank=env.rank, world_size=env.world_size)
+    finally:
+        if env.enabled and dist.is_initialized():
+            dist.destroy_process_group()
     return {"checkpoint": str(info["path"]), "step": info["state"]["step"], "algo": saved["algo"],
             "corpus": data.corpus, "split": cfg.split, **result}
