@@ -31,6 +31,10 @@ import torch
 
 import duo_kernels
 from duo_kernels import reference, rng
+# duo_model's backbone and loss need nothing beyond torch and duo_kernels (no tokenizers, safetensors).
+from duo_model import ops as model_ops
+from duo_model.dit import PRESETS, DiT, DiTConfig
+from duo_model.loss import DuoLoss, Phase, antithetic_t
 
 Shape = dict[str, int]
 Inputs = dict[str, Any]
@@ -427,3 +431,76 @@ register(Case(
     target="≈ torch.argmax (same bytes)",
     shape=dict(SAMPLING_SHAPE),
 ))
+
+# ---- end-to-end training step (duo_model) ----------------------------------------------------------
+# One forward + backward of DiT-small (169.6M parameters at V = 50258; 12 blocks, d = 768) on a
+# micro-batch of B = 32 sequences of L = 1024 under bf16 autocast (fp32 on CPU), the Duo objective of
+# duo_model.loss.DuoLoss in one phase: the dense curriculum (Duo), the top-k curriculum (Duo++, k = 2)
+# or the discrete phase. "fused" runs duo_model.ops as bound by default (the duo_kernels op wherever
+# one has landed, the fused linear + NELBO head included), "reference" the same step with every op
+# bound to duo_kernels.reference (the logits materialised, then the reference NELBO) — the same
+# model weights, times and noise seed. The optimizer step is left out: it is the same on both paths.
+# The reference dense curriculum needs far more than 80 GB at this shape (PERF-TARGETS.md: 36.8 GiB
+# for its latent alone, plus the NELBO's 21.5 GiB and the backbone's 21.4 GiB); its row records the
+# out-of-memory error. The floor counts the weights read twice and the gradients written once (fp32),
+# a lower bound only: the step is compute-bound.
+# The DiT is the preset of hidden size d (small at d = 768); the CPU smoke run (d = 64) builds 2 blocks.
+E2E_SHAPE: Shape = dict(B=32, L=1024, V=50257, d=768, k=2)
+
+
+def _e2e_blocks(d: int) -> int:
+    return next((p["n_blocks"] for p in PRESETS.values() if p["d_model"] == d), 2)
+
+
+def _e2e_inputs(shape: Shape, device: torch.device) -> Inputs:
+    config = DiTConfig(vocab_size=shape["V"], d_model=shape["d"], n_blocks=_e2e_blocks(shape["d"]),
+                       n_heads=max(1, shape["d"] // 64), dropout=0.0)
+    models = {}
+    for impl in ("reference", "auto"):
+        model_ops.use(impl)  # the embedding module is bound when the model is built
+        torch.manual_seed(0)
+        models[impl] = DiT(config).to(device)
+    model_ops.use("auto")
+    models["auto"].load_state_dict(models["reference"].state_dict())
+    x0 = rng.randint((shape["B"], shape["L"]), high=shape["V"], seed=1, device=device)
+    return {"models": models, "x0": x0, "t": antithetic_t(shape["B"], torch.Generator().manual_seed(2)).to(device),
+            "k": shape["k"], "device": device}
+
+
+def _e2e_step(inputs: Inputs, impl: str, phase_kind: str):
+    model = inputs["models"][impl]
+    model_ops.use(impl)
+    try:
+        objective = DuoLoss(model, fused_head=True)
+        device = inputs["device"]
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        with autocast:
+            loss = objective(inputs["x0"], inputs["t"], Phase(phase_kind, tau=1e-3, k=inputs["k"]), seed=3).mean()
+        loss.backward()
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        model.zero_grad(set_to_none=True)  # every call allocates its gradients, as a training step does
+        return loss.detach(), grad_norm
+    finally:
+        model_ops.use("auto")
+
+
+def _e2e_floor_bytes(shape: Shape) -> int:
+    d, v, blocks = shape["d"], shape["V"], _e2e_blocks(shape["d"])
+    params = 2 * v * d + v + blocks * (12 * d * d + 6 * 128 * d) + 256 * 128
+    return 3 * 4 * params
+
+
+for _phase, _label, _target in (("dense", "curriculum dense", "≥ 1.8× reference (PERF-TARGETS)"),
+                                ("topk", "curriculum top-2", "≥ 1.8× reference (PERF-TARGETS)"),
+                                ("discrete", "discrete phase", "none set")):
+    register(Case(
+        name=f"train step DiT-small {_label}",
+        family="duo_model",
+        make_inputs=_e2e_inputs,
+        fused=lambda i, p=_phase: _e2e_step(i, "auto", p),
+        reference=lambda i, p=_phase: _e2e_step(i, "reference", p),
+        bytes_moved=_e2e_floor_bytes,
+        target=_target,
+        backward=True,
+        shape=dict(E2E_SHAPE),
+    ))
