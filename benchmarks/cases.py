@@ -28,8 +28,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
-from duo_kernels import rng
+import duo_kernels
+from duo_kernels import reference, rng
+from duo_kernels.reference import dcd as reference_dcd
+# duo_model's backbone and loss need nothing beyond torch and duo_kernels (no tokenizers, safetensors).
+from duo_model import ops as model_ops
+from duo_model.dit import PRESETS, DiT, DiTConfig
+from duo_model.loss import DuoLoss, Phase, antithetic_t
 
 Shape = dict[str, int]
 Inputs = dict[str, Any]
@@ -136,15 +143,376 @@ _register_rng(
 )
 
 
+# ---- forward process -------------------------------------------------------------------------------
+# The O(1)-per-token exact samplers (duo-math §1.2, §5.4) against the (B, L, V) latents they replace.
+# Paper shape: the dense references need ~33 GiB (B·L·V fp32 normals, then two fp64 copies) and fit
+# an H100 or H200. The literal-algorithm row draws our Philox stream in PyTorch int64 ops (~170
+# launches per 2^18 normals, seconds per call at this shape); the torch.randn rows are what the
+# public Duo code runs (PERF-TARGETS.md: 27.9 ms for the latent + argmax on an H200).
+FORWARD_SEED = 0
+# OWT curriculum window (duo-math §1.1) and a DCD pair gap.
+GAMMA_MIN, GAMMA_MAX, PAIR_GAP = -3.55, -1.85, 0.3
+
+
+def _forward_inputs(shape: Shape, device: torch.device) -> Inputs:
+    gen = torch.Generator().manual_seed(0)
+    b, l, v = shape["B"], shape["L"], shape["V"]
+    gamma_t = GAMMA_MIN + (GAMMA_MAX - GAMMA_MIN) * torch.rand(b, generator=gen, dtype=torch.float64)
+    return {"x0": torch.randint(0, v, (b, l), generator=gen).to(device), "gamma_t": gamma_t.to(device),
+            "gamma_s": (gamma_t - PAIR_GAP).to(device), "V": v, "k": shape.get("k")}
+
+
+def _torch_latent_argmax(x0: torch.Tensor, gammas: list[torch.Tensor], vocab_size: int) -> list[torch.Tensor]:
+    """The Duo code's argmax of ``a~ e_x + s~ eps`` with one ``torch.randn`` latent shared by every gamma."""
+    eps = torch.randn(*x0.shape, vocab_size, device=x0.device)
+    out = []
+    for gamma in gammas:
+        a_tilde, s_tilde = reference.gaussian_params(gamma.float()[:, None, None])
+        w = s_tilde * eps
+        w.scatter_add_(-1, x0[..., None], a_tilde.expand(*x0.shape, 1).contiguous())
+        out.append(w.argmax(-1))
+    return out
+
+
+def _tokens_bytes(shape: Shape, per_token: int) -> int:
+    return per_token * shape["B"] * shape["L"]
+
+
+register(Case(
+    name="gaussian_argmax",
+    family="forward_process",
+    make_inputs=_forward_inputs,
+    fused=lambda i: duo_kernels.gaussian_argmax(i["x0"], i["gamma_t"], i["V"], seed=FORWARD_SEED),
+    reference=lambda i: reference.gaussian_argmax_dense(i["x0"], i["gamma_t"], i["V"], seed=FORWARD_SEED),
+    # int64 x0 read, int64 z_t written
+    bytes_moved=lambda s: _tokens_bytes(s, 16),
+    target="≥ 1000× dense latent + argmax; no B·L·V memory",
+))
+register(Case(
+    name="gaussian_argmax vs torch.randn latent",
+    family="forward_process",
+    make_inputs=_forward_inputs,
+    fused=lambda i: duo_kernels.gaussian_argmax(i["x0"], i["gamma_t"], i["V"], seed=FORWARD_SEED),
+    reference=lambda i: _torch_latent_argmax(i["x0"], [i["gamma_t"]], i["V"]),
+    bytes_moved=lambda s: _tokens_bytes(s, 16),
+    target="≥ 1000× dense latent + argmax; no B·L·V memory",
+))
+register(Case(
+    name="gaussian_argmax_pair",
+    family="forward_process",
+    make_inputs=_forward_inputs,
+    fused=lambda i: duo_kernels.gaussian_argmax_pair(i["x0"], i["gamma_t"], i["gamma_s"], i["V"], seed=FORWARD_SEED),
+    # DCD's construction: two argmaxes of one shared torch.randn latent
+    reference=lambda i: _torch_latent_argmax(i["x0"], [i["gamma_t"], i["gamma_s"]], i["V"]),
+    # int64 x0 read, two int64 z written
+    bytes_moved=lambda s: _tokens_bytes(s, 24),
+    target="none set; O(1) per token, no B·L·V memory",
+))
+
+
+# ---- curriculum: Duo++ top-k relaxation ------------------------------------------------------------
+# The fused op in its exact mode (the default) against the published sampler's algorithm
+# (reference_compat=True: float64 PyTorch, the Duo++-style reference of PERF-TARGETS.md), tau = 1e-3
+# as in the paper runs.
+TOPK_TAU = 1e-3
+
+
+def _register_topk(k: int) -> None:
+    register(Case(
+        name=f"tempered_softmax_topk k={k}",
+        family="curriculum",
+        make_inputs=_forward_inputs,
+        fused=lambda i: duo_kernels.tempered_softmax_topk(i["x0"], i["gamma_t"], i["V"], i["k"], TOPK_TAU,
+                                                          seed=FORWARD_SEED),
+        reference=lambda i: reference.tempered_softmax_topk(i["x0"], i["gamma_t"], i["V"], i["k"], TOPK_TAU,
+                                                            reference_compat=True, seed=FORWARD_SEED),
+        # int64 x0 read; int64 ids, fp32 weights and int64 z_t written
+        bytes_moved=lambda s: _tokens_bytes(s, 16 + 12 * s["k"]),
+        target="≥ 20× the Duo++ reference (with the embedding)",
+        shape={**PAPER_SHAPE, "k": k},
+    ))
+
+
+for _k in (2, 16, 128):
+    _register_topk(_k)
+
+# ---- embedding (the curriculum's embedding layer) -------------------------------------------------------
+# Both rows run forward and backward with a random upstream gradient and return the gradients.
+EMBED_TOP_K = 16
+EMBED_SEED = 0
+EMBED_GAMMA = -2.7  # inside the OWT window [-3.55, -1.85]
+EMBED_TAU = 1e-3  # the paper runs' temperature
+
+
+def _relaxed_inputs(shape: Shape, device: torch.device) -> Inputs:
+    b, l, v, d, k = shape["B"], shape["L"], shape["V"], shape["d"], shape.get("k", EMBED_TOP_K)
+    weights = torch.rand(b, l, k, device=device)
+    return {
+        "weight": (torch.rand(v, d, device=device) - 0.5).requires_grad_(),
+        "ids": torch.randint(0, v, (b, l, k), device=device),
+        "weights": (weights / weights.sum(-1, keepdim=True)).requires_grad_(),
+        "upstream": torch.randn(b, l, d, device=device),
+    }
+
+
+def _relaxed_fused(i: Inputs):
+    import duo_kernels
+
+    h = duo_kernels.relaxed_embedding(i["weight"], i["ids"], i["weights"])
+    return torch.autograd.grad(h, (i["weight"], i["weights"]), i["upstream"])
+
+
+def _relaxed_embedding_bag(i: Inputs):
+    # what the Duo++ code runs: embedding_bag(mode="sum") with per-sample weights, under autograd
+    k = i["ids"].shape[-1]
+    h = torch.nn.functional.embedding_bag(i["ids"].view(-1, k), i["weight"],
+                                          per_sample_weights=i["weights"].view(-1, k), mode="sum")
+    return torch.autograd.grad(h, (i["weight"], i["weights"]), i["upstream"].view(h.shape))
+
+
+def _relaxed_bytes(s: Shape) -> int:
+    b, l, v, d, k = s["B"], s["L"], s["V"], s["d"], s.get("k", EMBED_TOP_K)
+    # E, ids (int64), weights, dh read; h, dE, dweights written
+    return 4 * v * d + (8 + 4) * b * l * k + 4 * b * l * d + 4 * b * l * d + 4 * v * d + 4 * b * l * k
+
+
+register(Case(
+    name=f"relaxed_embedding k={EMBED_TOP_K}",
+    family="embedding",
+    make_inputs=_relaxed_inputs,
+    fused=_relaxed_fused,
+    reference=_relaxed_embedding_bag,
+    bytes_moved=_relaxed_bytes,
+    target="none set; ≈ embedding_bag (same bytes)",
+    backward=True,
+    shape=dict(PAPER_SHAPE, k=EMBED_TOP_K),
+))
+
+
+def _dense_inputs(shape: Shape, device: torch.device) -> Inputs:
+    b, l, v, d = shape["B"], shape["L"], shape["V"], shape["d"]
+    return {
+        "weight": ((torch.rand(v, d, device=device) - 0.5) * 2 / d**0.5).requires_grad_(),
+        "x0": torch.randint(0, v, (b, l), device=device),
+        "upstream": torch.randn(b, l, d, device=device),
+    }
+
+
+def _dense_fused(i: Inputs):
+    import duo_kernels
+
+    h, z_t = duo_kernels.tempered_softmax_embedding(i["x0"], EMBED_GAMMA, EMBED_TAU, i["weight"], seed=EMBED_SEED)
+    return torch.autograd.grad(h, i["weight"], i["upstream"]), z_t
+
+
+def _dense_published(i: Inputs):
+    # The published Duo 'simple' curriculum (duo-math §4.2, H1-H2): int64 one-hot, torch.randn latent,
+    # argmax, softmax(w / tau) saved for backward, fp32 GEMM; ~37 GiB at B = 32 (fits an H200, not an
+    # 80 GB card alongside other work). Our reference.tempered_softmax_embedding is the correctness
+    # oracle instead (float64, Philox in int64 PyTorch ops): far slower than this, so not the baseline.
+    from duo_kernels.reference import gaussian_params
+
+    x0, weight = i["x0"], i["weight"]
+    a_tilde, s_tilde = (t.float() for t in gaussian_params(torch.tensor(EMBED_GAMMA, device=x0.device)))
+    one_hot = torch.nn.functional.one_hot(x0, weight.shape[0])
+    w = a_tilde * one_hot + s_tilde * torch.randn(one_hot.shape, device=x0.device)
+    z_t = w.argmax(-1)
+    h = torch.softmax(w / EMBED_TAU, dim=-1) @ weight
+    return torch.autograd.grad(h, weight, i["upstream"]), z_t
+
+
+def _dense_bytes(s: Shape) -> int:
+    b, l, v, d = s["B"], s["L"], s["V"], s["d"]
+    # x0 (int64), E, dh read; h, z_t (int64), dE written. The op is compute-bound (two B L x V x d GEMMs
+    # and B L V Philox normals), so this floor is far below any achievable time.
+    return 8 * b * l + 4 * v * d + 4 * b * l * d + 4 * b * l * d + 8 * b * l + 4 * v * d
+
+
+def _tf32(fn: Callable[[Inputs], Any]) -> Callable[[Inputs], Any]:
+    """``fn`` under ``torch.set_float32_matmul_precision("high")``: TF32 tensor cores for cuBLAS and for
+    our ``tl.dot`` tiles alike (both paths' GEMMs then round their inputs to 10-bit mantissas)."""
+    def run(inputs: Inputs):
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            return fn(inputs)
+        finally:
+            torch.set_float32_matmul_precision(previous)
+
+    return run
+
+
+for _variant, _wrap in (("fp32", lambda fn: fn), ("tf32", _tf32)):
+    register(Case(
+        name=f"tempered_softmax_embedding {_variant}",
+        family="embedding",
+        make_inputs=_dense_inputs,
+        fused=_wrap(_dense_fused),
+        reference=_wrap(_dense_published),
+        bytes_moved=_dense_bytes,
+        target="≥ 10× reference; ≤ 2 GiB extra at B = 32",
+        backward=True,
+    ))
+
+# ---- sampling --------------------------------------------------------------------------------------
+# One step of an 8-step sampler at t = 0.5 -> s = 0.375 (log-linear: alpha = 1 - t), kappa = 1, bf16
+# logits as the backbone emits them. The reference path is a transcription of the published Duo
+# sampler's hot path (duo-math §6.1, §6.3, H10-H11), not our reference (which already uses the mixture
+# form): log_softmax -> float64, the sort-based nucleus filter, the dense posterior (3.2) with a
+# one-hot z_t, and the exponential race argmax(q / E), E = 1e-10 - log(U + 1e-10), U float64 (B, L, V).
+SAMPLING_ALPHA_T, SAMPLING_ALPHA_S = 0.5, 0.625
+
+
+def _sampling_inputs(shape: Shape, device: torch.device) -> Inputs:
+    gen = torch.Generator(device=device).manual_seed(0)
+    batch, seq_len, vocab_size = shape["B"], shape["L"], shape["V"]
+    logits = (3 * torch.randn(batch, seq_len, vocab_size, generator=gen, device=device)).to(torch.bfloat16)
+    z_t = torch.randint(0, vocab_size, (batch, seq_len), generator=gen, device=device)
+    return {"logits": logits, "z_t": z_t}
+
+
+def published_top_p_filter(log_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The published nucleus filter on float64 log-probabilities: sort, cumulative softmax, drop the
+    entries whose mass before them exceeds top_p (keeping the top one), renormalise."""
+    sorted_log_probs, order = torch.sort(log_probs, dim=-1, descending=True)
+    cumulative = sorted_log_probs.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative > top_p
+    remove[..., 1:] = remove[..., :-1].clone()
+    remove[..., 0] = False
+    log_probs = log_probs.masked_fill(remove.scatter(-1, order, remove), -torch.inf)
+    return log_probs - log_probs.logsumexp(dim=-1, keepdim=True)
+
+
+def published_ancestral_step(logits: torch.Tensor, z_t: torch.Tensor, alpha_t: float, alpha_s: float,
+                             top_p: float = 1.0) -> torch.Tensor:
+    """The published Duo ancestral update (float64 posterior (3.2) and exponential race)."""
+    vocab_size = logits.shape[-1]
+    log_x = logits.log_softmax(dim=-1).to(torch.float64)
+    if top_p < 1.0:
+        log_x = published_top_p_filter(log_x, top_p)
+    x = log_x.exp()
+    z = torch.nn.functional.one_hot(z_t, vocab_size)
+    alpha_ts = alpha_t / alpha_s
+    q = ((alpha_t * vocab_size * x * z + (alpha_ts - alpha_t) * z + (alpha_s - alpha_t) * x
+          + (1 - alpha_ts) * (1 - alpha_s) / vocab_size)
+         / (alpha_t * vocab_size * x.gather(-1, z_t[..., None]) + 1 - alpha_t))
+    exponential = 1e-10 - (torch.rand_like(q) + 1e-10).log()
+    return (q / exponential).argmax(dim=-1)
+
+
+def _sampling_bytes(shape: Shape) -> int:
+    # bf16 logits read once; int64 z_t read and z_s written
+    return 2 * shape["B"] * shape["L"] * shape["V"] + 16 * shape["B"] * shape["L"]
+
+
+def _register_step(top_p: float) -> None:
+    register(Case(
+        name=f"ancestral_step top_p={top_p:g}",
+        family="sampling",
+        make_inputs=_sampling_inputs,
+        fused=lambda i: duo_kernels.ancestral_step(i["logits"], i["z_t"], SAMPLING_ALPHA_T, SAMPLING_ALPHA_S,
+                                                   top_p=top_p, seed=0),
+        reference=lambda i: published_ancestral_step(i["logits"], i["z_t"], SAMPLING_ALPHA_T, SAMPLING_ALPHA_S,
+                                                     top_p),
+        bytes_moved=_sampling_bytes,
+        target="≥ 50× reference (≥ 8× its torch.compile)",
+        shape=dict(SAMPLING_SHAPE),
+    ))
+
+
+_register_step(1.0)
+_register_step(0.9)
+register(Case(
+    name="greedy_tail",
+    family="sampling",
+    make_inputs=_sampling_inputs,
+    fused=lambda i: duo_kernels.greedy_tail(i["logits"]),
+    reference=lambda i: i["logits"].argmax(dim=-1),
+    # bf16 logits read once; int64 ids written
+    bytes_moved=lambda s: 2 * s["B"] * s["L"] * s["V"] + 8 * s["B"] * s["L"],
+    target="≈ torch.argmax (same bytes)",
+    shape=dict(SAMPLING_SHAPE),
+))
+
+# ---- end-to-end training step (duo_model) ----------------------------------------------------------
+# One forward + backward of DiT-small (169.6M parameters at V = 50258; 12 blocks, d = 768) on a
+# micro-batch of B = 32 sequences of L = 1024 under bf16 autocast (fp32 on CPU), the Duo objective of
+# duo_model.loss.DuoLoss in one phase: the dense curriculum (Duo), the top-k curriculum (Duo++, k = 2)
+# or the discrete phase. "fused" runs duo_model.ops as bound by default (the duo_kernels op wherever
+# one has landed, the fused linear + NELBO head included), "reference" the same step with every op
+# bound to duo_kernels.reference (the logits materialised, then the reference NELBO) — the same
+# model weights, times and noise seed. The optimizer step is left out: it is the same on both paths.
+# The reference dense curriculum needs far more than 80 GB at this shape (PERF-TARGETS.md: 36.8 GiB
+# for its latent alone, plus the NELBO's 21.5 GiB and the backbone's 21.4 GiB); its row records the
+# out-of-memory error. The floor counts the weights read twice and the gradients written once (fp32),
+# a lower bound only: the step is compute-bound.
+# The DiT is the preset of hidden size d (small at d = 768); the CPU smoke run (d = 64) builds 2 blocks.
+E2E_SHAPE: Shape = dict(B=32, L=1024, V=50257, d=768, k=2)
+
+
+def _e2e_blocks(d: int) -> int:
+    return next((p["n_blocks"] for p in PRESETS.values() if p["d_model"] == d), 2)
+
+
+def _e2e_inputs(shape: Shape, device: torch.device) -> Inputs:
+    config = DiTConfig(vocab_size=shape["V"], d_model=shape["d"], n_blocks=_e2e_blocks(shape["d"]),
+                       n_heads=max(1, shape["d"] // 64), dropout=0.0)
+    models = {}
+    for impl in ("reference", "auto"):
+        model_ops.use(impl)  # the embedding module is bound when the model is built
+        torch.manual_seed(0)
+        models[impl] = DiT(config).to(device)
+    model_ops.use("auto")
+    models["auto"].load_state_dict(models["reference"].state_dict())
+    x0 = rng.randint((shape["B"], shape["L"]), high=shape["V"], seed=1, device=device)
+    return {"models": models, "x0": x0, "t": antithetic_t(shape["B"], torch.Generator().manual_seed(2)).to(device),
+            "k": shape["k"], "device": device}
+
+
+def _e2e_step(inputs: Inputs, impl: str, phase_kind: str):
+    model = inputs["models"][impl]
+    model_ops.use(impl)
+    try:
+        objective = DuoLoss(model, fused_head=True)
+        device = inputs["device"]
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        with autocast:
+            loss = objective(inputs["x0"], inputs["t"], Phase(phase_kind, tau=1e-3, k=inputs["k"]), seed=3).mean()
+        loss.backward()
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        model.zero_grad(set_to_none=True)  # every call allocates its gradients, as a training step does
+        return loss.detach(), grad_norm
+    finally:
+        model_ops.use("auto")
+
+
+def _e2e_floor_bytes(shape: Shape) -> int:
+    d, v, blocks = shape["d"], shape["V"], _e2e_blocks(shape["d"])
+    params = 2 * v * d + v + blocks * (12 * d * d + 6 * 128 * d) + 256 * 128
+    return 3 * 4 * params
+
+
+for _phase, _label, _target in (("dense", "curriculum dense", "≥ 1.8× reference (PERF-TARGETS)"),
+                                ("topk", "curriculum top-2", "≥ 1.8× reference (PERF-TARGETS)"),
+                                ("discrete", "discrete phase", "none set")):
+    register(Case(
+        name=f"train step DiT-small {_label}",
+        family="duo_model",
+        make_inputs=_e2e_inputs,
+        fused=lambda i, p=_phase: _e2e_step(i, "auto", p),
+        reference=lambda i, p=_phase: _e2e_step(i, "reference", p),
+        bytes_moved=_e2e_floor_bytes,
+        target=_target,
+        backward=True,
+        shape=dict(E2E_SHAPE),
+    ))
+
 # ---- losses ----------------------------------------------------------------------------------------
 # The reference side of every loss row is what the public Duo code runs: the NELBO and the KL in fp32
 # from bf16 logits (log_softmax, exp, xbar_theta, log, sums: duo-math §10 H4/H5/H9), written out below.
 # duo_kernels.reference (float64, the correctness oracle) is slower still; the DCD fp64 row times it,
 # as PERF-TARGETS.md lists Duo's fp64 loss_precision too. Each call runs forward and backward
 # (torch.autograd.grad, so nothing accumulates in .grad between timed calls).
-import duo_kernels  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from duo_kernels.reference import dcd as reference_dcd  # noqa: E402
 
 
 def _nelbo_inputs(shape: Shape, device: torch.device) -> Inputs:

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "cpu/kernels.h"
+#include "duo/common.h"
 
 #ifdef DUO_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -69,6 +70,79 @@ void rng_randint(at::Tensor out, int64_t high, uint64_t seed, uint64_t offset) {
       DUO_CUDA(duo_rng_randint(out.data_ptr<int64_t>(), out.numel(), high, seed, offset, stream)));
 }
 
+duo::PerToken per_token_view(const at::Tensor& t) {
+  return duo::PerToken{t.data_ptr<double>(), t.stride(0), t.stride(1)};
+}
+
+// x0 (B, L) int64 contiguous; per-token scalars (B, L) float64 on x0's device, any strides.
+void check_tokens(const at::Tensor& x0, std::initializer_list<const at::Tensor*> scalars) {
+  TORCH_CHECK(x0.dim() == 2 && x0.scalar_type() == at::kLong && x0.is_contiguous(),
+              "duo_kernels native: x0 must be a contiguous (B, L) int64 tensor");
+  for (const at::Tensor* s : scalars) {
+    TORCH_CHECK(s->scalar_type() == at::kDouble && s->sizes() == x0.sizes() && s->device() == x0.device(),
+                "duo_kernels native: per-token scalars must be (B, L) float64 on x0's device");
+  }
+}
+
+void check_like(const at::Tensor& out, const at::Tensor& x0, std::initializer_list<at::ScalarType> dtypes) {
+  check_out(out, dtypes);
+  TORCH_CHECK(out.device() == x0.device(), "duo_kernels native: outputs must be on x0's device");
+}
+
+void gaussian_argmax(at::Tensor z_t, const at::Tensor& x0, const at::Tensor& gamma, int64_t vocab_size,
+                     uint64_t seed) {
+  check_tokens(x0, {&gamma});
+  check_like(z_t, x0, {at::kLong});
+  at::Tensor none;
+  on_device(
+      x0, "gaussian_argmax", [&] { duo::cpu::gaussian_argmax(z_t, none, x0, gamma, gamma, vocab_size, seed); },
+      DUO_CUDA(duo_gaussian_argmax(z_t.data_ptr<int64_t>(), nullptr, x0.data_ptr<int64_t>(), x0.numel(),
+                                   x0.size(1), per_token_view(gamma), per_token_view(gamma), vocab_size, seed,
+                                   stream)));
+}
+
+void gaussian_argmax_pair(at::Tensor z_t, at::Tensor z_s, const at::Tensor& x0, const at::Tensor& gamma_t,
+                          const at::Tensor& gamma_s, int64_t vocab_size, uint64_t seed) {
+  check_tokens(x0, {&gamma_t, &gamma_s});
+  check_like(z_t, x0, {at::kLong});
+  check_like(z_s, x0, {at::kLong});
+  on_device(
+      x0, "gaussian_argmax_pair",
+      [&] { duo::cpu::gaussian_argmax(z_t, z_s, x0, gamma_t, gamma_s, vocab_size, seed); },
+      DUO_CUDA(duo_gaussian_argmax(z_t.data_ptr<int64_t>(), z_s.data_ptr<int64_t>(), x0.data_ptr<int64_t>(),
+                                   x0.numel(), x0.size(1), per_token_view(gamma_t), per_token_view(gamma_s),
+                                   vocab_size, seed, stream)));
+}
+
+void usdm_forward(at::Tensor z_t, const at::Tensor& x0, const at::Tensor& alpha, int64_t vocab_size, uint64_t seed) {
+  check_tokens(x0, {&alpha});
+  check_like(z_t, x0, {at::kLong});
+  on_device(
+      x0, "usdm_forward", [&] { duo::cpu::usdm_forward(z_t, x0, alpha, vocab_size, seed); },
+      DUO_CUDA(duo_usdm_forward(z_t.data_ptr<int64_t>(), x0.data_ptr<int64_t>(), x0.numel(), x0.size(1),
+                                per_token_view(alpha), vocab_size, seed, stream)));
+}
+
+void tempered_softmax_topk(at::Tensor ids, at::Tensor weights, at::Tensor z_t, const at::Tensor& x0,
+                           const at::Tensor& gamma, int64_t vocab_size, int64_t k, double inv_tau,
+                           bool reference_compat, uint64_t seed) {
+  check_tokens(x0, {&gamma});
+  check_like(ids, x0, {at::kLong});
+  check_like(weights, x0, {at::kFloat});
+  check_like(z_t, x0, {at::kLong});
+  TORCH_CHECK(k >= 1 && k < vocab_size && ids.numel() == x0.numel() * k && weights.numel() == ids.numel(),
+              "duo_kernels native: tempered_softmax_topk needs 1 <= k < V and (B, L, k) outputs");
+  on_device(
+      x0, "tempered_softmax_topk",
+      [&] {
+        duo::cpu::tempered_softmax_topk(ids, weights, z_t, x0, gamma, vocab_size, k, inv_tau, reference_compat,
+                                        seed);
+      },
+      DUO_CUDA(duo_tempered_softmax_topk(ids.data_ptr<int64_t>(), weights.data_ptr<float>(), z_t.data_ptr<int64_t>(),
+                                         x0.data_ptr<int64_t>(), x0.numel(), x0.size(1), per_token_view(gamma),
+                                         vocab_size, static_cast<int>(k), inv_tau, reference_compat, seed, stream)));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -81,4 +155,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rng_uniform", &rng_uniform, "fill out with uniforms (counter offset + i)");
   m.def("rng_normal", &rng_normal, "fill out with standard normals (counter offset + i)");
   m.def("rng_randint", &rng_randint, "fill out with ints in [0, high) (counter offset + i)");
+  m.def("gaussian_argmax", &gaussian_argmax, "exact argmax forward process into z_t (duo-math 1.2)");
+  m.def("gaussian_argmax_pair", &gaussian_argmax_pair, "the DDT pair (z_t, z_s) of one shared noise (5.4)");
+  m.def("usdm_forward", &usdm_forward, "uniform-state forward marginal into z_t (3.1)");
+  m.def("tempered_softmax_topk", &tempered_softmax_topk, "Duo++ top-k relaxation into (ids, weights, z_t) (4.4)");
 }

@@ -13,6 +13,9 @@ MODULES = [
     "duo_kernels.reference.nelbo",
     "duo_kernels.reference.dcd",
     "duo_kernels.reference.sampling",
+    "duo_kernels.ops.forward_process",
+    "duo_kernels.ops.curriculum",
+    "duo_kernels.ops.sampling",
 ]
 
 

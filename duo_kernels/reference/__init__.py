@@ -11,8 +11,8 @@ from duo_kernels.reference.dcd import dcd_kl
 from duo_kernels.reference.forward_process import (gaussian_argmax, gaussian_argmax_dense, gaussian_argmax_pair,
                                                    usdm_forward)
 from duo_kernels.reference.nelbo import usdm_nelbo
-from duo_kernels.reference.sampling import (ancestral_step, psi_kappas, sample_categorical, sampling_timesteps,
-                                            usdm_posterior)
+from duo_kernels.reference.sampling import (ancestral_step, greedy_tail, psi_kappas, sample_categorical,
+                                            sampling_timesteps, usdm_posterior)
 from duo_kernels.reference.transform import (cosine_schedule, diffusion_transform, diffusion_transform_t,
                                              gaussian_params, loglinear_schedule)
 
@@ -21,5 +21,5 @@ __all__ = [
     "gaussian_argmax_dense", "gaussian_argmax", "gaussian_argmax_pair", "usdm_forward",
     "usdm_posterior", "usdm_nelbo", "dcd_kl",
     "tempered_softmax_topk", "relaxed_embedding", "tempered_softmax_dense", "tempered_softmax_embedding",
-    "ancestral_step", "sample_categorical", "psi_kappas", "sampling_timesteps",
+    "ancestral_step", "greedy_tail", "sample_categorical", "psi_kappas", "sampling_timesteps",
 ]

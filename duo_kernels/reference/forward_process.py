@@ -45,6 +45,11 @@ def _signal_level(name: str, alpha, shape, device) -> torch.Tensor:
     return alpha
 
 
+def _check_pair_order(gamma_t: torch.Tensor, gamma_s: torch.Tensor) -> None:
+    if _validate.values_checked(gamma_s) and bool((gamma_s > gamma_t).any()):
+        raise ValueError("gamma_s must be <= gamma_t (s is the earlier, less noisy time)")
+
+
 def _check_tokens(x0, vocab_size) -> int:
     vocab_size = _validate.check_vocab_size(vocab_size)
     _validate.check_ids("x0", x0, vocab_size, ndim=2)
@@ -199,8 +204,7 @@ def gaussian_argmax_pair(x0: torch.Tensor, gamma_t, gamma_s, vocab_size: int, *,
     vocab_size = _check_tokens(x0, vocab_size)
     gamma_t = _log_snr("gamma_t", gamma_t, x0.shape, x0.device)
     gamma_s = _log_snr("gamma_s", gamma_s, x0.shape, x0.device)
-    if _validate.values_checked(gamma_s) and bool((gamma_s > gamma_t).any()):
-        raise ValueError("gamma_s must be <= gamma_t (s is the earlier, less noisy time)")
+    _check_pair_order(gamma_t, gamma_s)
     seed = resolve_seed(seed, generator)
     n, max_others, j_star = _argmax_draws(x0, vocab_size, seed)
     return (_argmax_decision(x0, n, max_others, j_star, gamma_t),

@@ -162,6 +162,44 @@ def _nucleus(x_theta: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
+def _check_logits(logits, z_t) -> int:
+    """(B, L, V) logits, finite or -inf with a finite entry per row, and (B, L) ids ``z_t`` (or None); returns V."""
+    vocab_size = _check_rows("logits", logits, ndim=3)
+    if z_t is not None:
+        _validate.check_ids("z_t", z_t, vocab_size, ndim=2)
+        if z_t.shape != logits.shape[:2]:
+            raise ValueError(f"z_t must have shape {tuple(logits.shape[:2])}, got {tuple(z_t.shape)}")
+        _validate.check_same_device(logits=logits, z_t=z_t)
+    if _validate.values_checked(logits) and logits.numel():
+        if bool(torch.isnan(logits).any() | (logits == math.inf).any()):
+            raise ValueError("logits must be finite or -inf")
+        if bool((logits == -math.inf).all(dim=-1).any()):
+            raise ValueError("logits must have a finite entry in every row")
+    return vocab_size
+
+
+def _step_args(logits, z_t, alpha_t, alpha_s, kappa, top_p):
+    """The validated arguments of :func:`ancestral_step` (shared with the fast ops): V, then
+    ``alpha_t, alpha_s, kappa`` broadcast to (B, L) float64, and ``top_p`` as a float."""
+    vocab_size = _check_logits(logits, z_t)
+    alpha_t, alpha_s = _signal_levels(alpha_t, alpha_s, z_t.shape, z_t.device)
+    kappa = _validate.per_token("kappa", kappa, tuple(z_t.shape), device=z_t.device)
+    _validate.check_range("kappa", kappa, 0.0, 1.0, lo_open=False, hi_open=False)
+    top_p = _validate.check_positive_number("top_p", top_p)
+    if top_p > 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    return vocab_size, alpha_t, alpha_s, kappa, top_p
+
+
+def _greedy_args(logits, z_t, return_probs) -> int:
+    """The validated arguments of :func:`greedy_tail`; returns V."""
+    if not isinstance(return_probs, bool):
+        raise ValueError(f"return_probs must be a bool, got {return_probs!r}")
+    if return_probs and z_t is None:
+        raise ValueError("z_t is needed with return_probs=True: the probabilities returned are x_theta[z_t]")
+    return _check_logits(logits, z_t)
+
+
 def ancestral_step(logits: torch.Tensor, z_t: torch.Tensor, alpha_t, alpha_s, *, kappa=1.0, top_p: float = 1.0,
                    seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One reverse step ``z_s ~ Psi^theta_{s|t}(. | z_t)`` (duo-math §6.1-6.4, eq. 6.2).
@@ -202,22 +240,7 @@ def ancestral_step(logits: torch.Tensor, z_t: torch.Tensor, alpha_t, alpha_s, *,
         >>> z_s.shape
         torch.Size([2, 3])
     """
-    vocab_size = _check_rows("logits", logits, ndim=3)
-    _validate.check_ids("z_t", z_t, vocab_size, ndim=2)
-    if z_t.shape != logits.shape[:2]:
-        raise ValueError(f"z_t must have shape {tuple(logits.shape[:2])}, got {tuple(z_t.shape)}")
-    _validate.check_same_device(logits=logits, z_t=z_t)
-    if _validate.values_checked(logits) and logits.numel():
-        if bool(torch.isnan(logits).any() | (logits == math.inf).any()):
-            raise ValueError("logits must be finite or -inf")
-        if bool((logits == -math.inf).all(dim=-1).any()):
-            raise ValueError("logits must have a finite entry in every row")
-    alpha_t, alpha_s = _signal_levels(alpha_t, alpha_s, z_t.shape, z_t.device)
-    kappa = _validate.per_token("kappa", kappa, tuple(z_t.shape), device=z_t.device)
-    _validate.check_range("kappa", kappa, 0.0, 1.0, lo_open=False, hi_open=False)
-    top_p = _validate.check_positive_number("top_p", top_p)
-    if top_p > 1.0:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    vocab_size, alpha_t, alpha_s, kappa, top_p = _step_args(logits, z_t, alpha_t, alpha_s, kappa, top_p)
     seed = resolve_seed(seed, generator)
 
     x_theta = _nucleus(torch.softmax(logits.to(torch.float64), dim=-1), top_p)
@@ -229,6 +252,33 @@ def ancestral_step(logits: torch.Tensor, z_t: torch.Tensor, alpha_t, alpha_s, *,
     uniform_id = _rng.randint32_below(w2, vocab_size).view_as(z_t)
     model_id = _gumbel_argmax(x_theta.reshape(num, vocab_size), seed).view_as(z_t)
     return torch.where(u < c_p, model_id, torch.where(u < c_p + c_u, uniform_id, z_t))
+
+
+def greedy_tail(logits: torch.Tensor, z_t: torch.Tensor | None = None, *, return_probs: bool = False):
+    """The Greedy-Tail noise removal (duo-math §6.1): ``argmax_v logits[..., v]``, the first index on ties.
+
+    Args:
+        logits: (B, L, V), any float dtype; entries finite or -inf, at least one finite per row.
+        z_t: current tokens, (B, L) int64 in [0, V); needed only with ``return_probs``.
+        return_probs: also return ``x_theta[z_t] = softmax(logits)[z_t]``.
+
+    Returns:
+        ids: (B, L) int64; with ``return_probs`` the pair ``(ids, probs)``, probs (B, L) float32
+        (computed in float64).
+
+    Example::
+
+        >>> logits = torch.tensor([[[0.0, 2.0, 2.0], [1.0, 0.0, 0.0]]])
+        >>> ids, probs = greedy_tail(logits, torch.tensor([[1, 0]]), return_probs=True)
+        >>> ids.tolist(), [round(p, 4) for p in probs[0].tolist()]
+        ([[1, 0]], [0.4683, 0.5761])
+    """
+    _greedy_args(logits, z_t, return_probs)
+    ids = logits.argmax(dim=-1)
+    if not return_probs:
+        return ids
+    log_x = torch.log_softmax(logits.to(torch.float64), dim=-1)
+    return ids, log_x.gather(-1, z_t[..., None]).squeeze(-1).exp().to(torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def test_sample_categorical_stream_layout():
 # ------------------------------------------------------------------------------------------------
 # ancestral_step
 
-ROWS = 30_000
+ROWS = 15_000
 # (kappa, alpha_t, alpha_s, z_t's rank among the logits): ancestral, Psi halfway, pure corrector from a
 # low-probability z_t, and the noise-removal step (alpha_s = 1).
 STEP_CONFIGS = [(1.0, 0.3, 0.6, 2), (0.5, 0.3, 0.6, 2), (0.0, 0.3, 0.6, -5), (1.0, 0.3, 1.0, -5)]

@@ -1,0 +1,84 @@
+"""The exact forward processes in Triton (duo-math §1.2, §3.1, §5.4): one token per lane.
+
+Streams and arithmetic are those of :mod:`duo_kernels.reference.forward_process` (token ``t`` reads
+the Philox words of counter ``t``); every per-token quantity is float64, so decisions match the
+reference up to an ulp of ``n + mu - M``. Per-token scalars (gamma, alpha) are float64 (B, L) views
+read through their strides (0 where broadcast).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from duo_kernels.triton.normal import normal_order_statistic
+from duo_kernels.triton.rng import box_muller, randint32_below, uniform24
+
+BLOCK = 1024
+
+
+@triton.jit
+def _per_token(p_ptr, stride_b, stride_l, o_t, length, m_t):
+    return tl.load(p_ptr + (o_t // length) * stride_b + (o_t % length) * stride_l, mask=m_t, other=0.0)
+
+
+@triton.jit
+def _gaussian_argmax_kernel(x_ptr, z_t_ptr, z_s_ptr, g_t_ptr, g_t_sb, g_t_sl, g_s_ptr, g_s_sb, g_s_sl,
+                            num_tokens, length, vocab_size, seed, PAIR: tl.constexpr, BLOCK: tl.constexpr):
+    o_t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m_t = o_t < num_tokens
+    b_x = tl.load(x_ptr + o_t, mask=m_t, other=0)
+    w0, w1, w2, w3 = tl.randint4x(seed, o_t)
+    # n, M and j* of §1.2; z = x iff n + exp(-gamma/2) > M
+    b_n = box_muller(uniform24(w0), uniform24(w1))
+    b_m = normal_order_statistic(tl.log(uniform24(w2).to(tl.float64)) / (vocab_size - 1).to(tl.float64))
+    b_j = randint32_below(w3, vocab_size - 1)
+    b_j = b_j + (b_j >= b_x).to(tl.int64)
+    b_g = _per_token(g_t_ptr, g_t_sb, g_t_sl, o_t, length, m_t)
+    tl.store(z_t_ptr + o_t, tl.where(b_n + tl.exp(-b_g / 2) > b_m, b_x, b_j), mask=m_t)
+    if PAIR:
+        b_g = _per_token(g_s_ptr, g_s_sb, g_s_sl, o_t, length, m_t)
+        tl.store(z_s_ptr + o_t, tl.where(b_n + tl.exp(-b_g / 2) > b_m, b_x, b_j), mask=m_t)
+
+
+@triton.jit
+def _usdm_forward_kernel(x_ptr, z_ptr, a_ptr, a_sb, a_sl, num_tokens, length, vocab_size, seed,
+                         BLOCK: tl.constexpr):
+    o_t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m_t = o_t < num_tokens
+    b_x = tl.load(x_ptr + o_t, mask=m_t, other=0)
+    w0, w1, _, _ = tl.randint4x(seed, o_t)
+    b_alpha = _per_token(a_ptr, a_sb, a_sl, o_t, length, m_t)
+    move = uniform24(w0).to(tl.float64) < 1.0 - b_alpha
+    tl.store(z_ptr + o_t, tl.where(move, randint32_below(w1, vocab_size), b_x), mask=m_t)
+
+
+def _grid(num_tokens: int):
+    return (triton.cdiv(num_tokens, BLOCK),)
+
+
+def gaussian_argmax(x0: torch.Tensor, gamma: torch.Tensor, vocab_size: int, seed: int) -> torch.Tensor:
+    z_t = torch.empty_like(x0)
+    if x0.numel():
+        _gaussian_argmax_kernel[_grid(x0.numel())](x0, z_t, z_t, gamma, *gamma.stride(), gamma, *gamma.stride(),
+                                                   x0.numel(), x0.shape[1], vocab_size, seed, PAIR=False, BLOCK=BLOCK)
+    return z_t
+
+
+def gaussian_argmax_pair(x0: torch.Tensor, gamma_t: torch.Tensor, gamma_s: torch.Tensor, vocab_size: int,
+                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    z_t, z_s = torch.empty_like(x0), torch.empty_like(x0)
+    if x0.numel():
+        _gaussian_argmax_kernel[_grid(x0.numel())](x0, z_t, z_s, gamma_t, *gamma_t.stride(), gamma_s,
+                                                   *gamma_s.stride(), x0.numel(), x0.shape[1], vocab_size, seed,
+                                                   PAIR=True, BLOCK=BLOCK)
+    return z_t, z_s
+
+
+def usdm_forward(x0: torch.Tensor, alpha: torch.Tensor, vocab_size: int, seed: int) -> torch.Tensor:
+    z_t = torch.empty_like(x0)
+    if x0.numel():
+        _usdm_forward_kernel[_grid(x0.numel())](x0, z_t, alpha, *alpha.stride(), x0.numel(), x0.shape[1],
+                                                vocab_size, seed, BLOCK=BLOCK)
+    return z_t
