@@ -110,6 +110,9 @@ def _build(with_cuda: bool):
     defines = ["-DDUO_WITH_CUDA"] if with_cuda else []
     verbose = os.environ.get("DUO_KERNELS_VERBOSE_BUILD") == "1"
     with FileLock(str(build_dir / "build.lock")):
+        # torch's own build baton ("lock") outlives a build that was killed, and a later build would
+        # wait on it forever; under our file lock no other process is building here, so it is stale.
+        (build_dir / "lock").unlink(missing_ok=True)
         try:
             return cpp_load(
                 name=f"duo_kernels_native_{'cuda' if with_cuda else 'cpu'}",
