@@ -52,19 +52,16 @@ def validation_nll(model: DiT, sequences: torch.Tensor, *, algo: str, batch_size
     and the sums all-reduced."""
     was_training = model.training
     model.eval()
-    objective = ARLoss(model) if algo == "ar" else DuoLoss(model, fused_head=False)
+    objective = ARLoss(model) if algo == "ar" else DuoLoss(model)
     n_batches = math.ceil(len(sequences) / batch_size)
     if max_batches:
         n_batches = min(n_batches, max_batches)
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for b in range(rank, n_batches, world_size):
         x0 = sequences[b * batch_size:(b + 1) * batch_size].to(device)
+        t = antithetic_t(len(x0), torch.Generator().manual_seed(derive_seed(seed, "eval-t", b)))
         with autocast_context(device, precision):
-            if algo == "ar":
-                loss = objective(x0)
-            else:
-                t = antithetic_t(len(x0), torch.Generator().manual_seed(derive_seed(seed, "eval-t", b)))
-                loss = objective(x0, t, Phase("discrete"), derive_seed(seed, "eval-noise", b))
+            loss = objective(x0, t, Phase("discrete"), derive_seed(seed, "eval-noise", b))
         totals[0] += loss.double().sum()
         totals[1] += loss.numel()
     if world_size > 1:

@@ -113,7 +113,9 @@ class ARLoss(nn.Module):
             raise ValueError("the AR loss needs a causal DiT (DiTConfig(causal=True))")
         self.model = model
 
-    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+    def forward(self, x0: torch.Tensor, t=None, phase=None, seed=None) -> torch.Tensor:
+        """``t``, ``phase`` and ``seed`` are ignored (no noise): the signature is DuoLoss's, so that the
+        trainer and the evaluator call either objective alike."""
         inputs, targets = x0[:, :-1], x0[:, 1:]
         logits = self.model(inputs, torch.zeros(x0.shape[0], device=x0.device))
         return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")

@@ -132,18 +132,12 @@ def batch_indices(step: int, global_batch: int, num_sequences: int, seed: int) -
 
 
 def step_times(step: int, global_batch: int, seed: int) -> torch.Tensor:
+    """The stratified times of the global batch of ``step`` (§3.5), (global_batch,) float32."""
     return antithetic_t(global_batch, torch.Generator().manual_seed(derive_seed(seed, "t", step)))
 
 
 def make_objective(model: DiT, cfg: TrainConfig) -> torch.nn.Module:
     return ARLoss(model) if cfg.algo == "ar" else DuoLoss(model, fused_head=cfg.fused_head)
-
-
-def micro_loss(objective, x0: torch.Tensor, t: torch.Tensor, phase: Phase, seed: int) -> torch.Tensor:
-    """The per-token loss of one micro-batch (either algorithm)."""
-    if isinstance(objective, ARLoss) or isinstance(getattr(objective, "module", None), ARLoss):
-        return objective(x0)
-    return objective(x0, t, phase, seed)
 
 
 class EMA:
@@ -348,8 +342,8 @@ def _train(cfg: TrainConfig, resume: bool, env: Distributed, device: torch.devic
             sync = contextlib.nullcontext() if (a == accum - 1 or not env.enabled) else objective.no_sync()
             with sync:
                 with autocast_context(device, cfg.precision):
-                    loss = micro_loss(objective, x0, times[start:start + micro], phase,
-                                      derive_seed(cfg.seed, "noise", step, start)).mean() / accum
+                    loss = objective(x0, times[start:start + micro], phase,
+                                     derive_seed(cfg.seed, "noise", step, start)).mean() / accum
                 loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
