@@ -86,7 +86,9 @@ def test_posterior_is_eq_3_2(vocab_size, alpha_t, s_frac, seed):
     for b in range(2):
         for l in range(3):
             expected = posterior_eq_3_2(x_theta[b, l], int(z_t[b, l]), alpha_t, alpha_s, vocab_size)
-            torch.testing.assert_close(q[b, l], expected, rtol=1e-12, atol=1e-14)
+            # rtol 1e-10: near alpha_t = 1 both forms divide by K alpha_t x_theta[z_t], which can be ~1e-5
+            # (hypothesis found 4e-12 relative at alpha_t = 1)
+            torch.testing.assert_close(q[b, l], expected, rtol=1e-10, atol=1e-14)
 
 
 @given(vocab_size=st.integers(2, 60), alpha_t=st.floats(1e-3, 1.0, exclude_max=True), s_frac=st.floats(0.0, 1.0),
