@@ -103,7 +103,7 @@ class TrainConfig:
     eval_every: int = setting(250, "steps between validation perplexity evaluations (0 = only at the end)")
     eval_batches: int = setting(20, "validation batches of batch_size per evaluation (0 = the whole split)")
     save_every: int = setting(250, "steps between checkpoints (0 = only at the end)")
-    keep_checkpoints: int = setting(2, "newest checkpoints kept")
+    keep_checkpoints: int = setting(2, "newest checkpoints kept (0 = all)")
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     precision: str = setting("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32", ("auto", "bf16", "fp32"))
     num_threads: int = setting(0, "torch CPU threads per process (0 = torch's default)")
