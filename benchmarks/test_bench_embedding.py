@@ -19,25 +19,10 @@ import torch
 from benchmarks.cases import (_dense_fused, _dense_inputs, _dense_published, _relaxed_embedding_bag, _relaxed_fused,
                               _relaxed_inputs)
 from duo_kernels import _dispatch
+from benchmarks.timing import bench_device, synced
 
 BENCH = dict(relaxed=dict(B=4, L=256, V=50258, d=256, k=16), dense=dict(B=1, L=16, V=50258, d=256))
 SMOKE = dict(relaxed=dict(B=2, L=8, V=1000, d=32, k=16), dense=dict(B=1, L=4, V=300, d=16))
-
-
-def _device(impl: str) -> torch.device:
-    return torch.device("cpu" if impl == "cpu" or not torch.cuda.is_available() else "cuda")
-
-
-def _timed(fn, device: torch.device):
-    if device.type != "cuda":
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize(device)
-        return out
-
-    return run
 
 
 def _skip_unless_runnable(impl: str, device: torch.device) -> None:
@@ -51,7 +36,7 @@ def _skip_unless_runnable(impl: str, device: torch.device) -> None:
 
 @pytest.mark.parametrize("impl", ["reference", "cpu", "triton", "embedding_bag"])
 def test_relaxed_embedding(benchmark, impl, monkeypatch):
-    device = _device(impl)
+    device = bench_device(impl)
     _skip_unless_runnable(impl, device)
     shape = SMOKE["relaxed"] if benchmark.disabled else BENCH["relaxed"]
     benchmark.group = f"relaxed_embedding fwd+bwd k={shape['k']} V={shape['V']} d={shape['d']}"
@@ -59,7 +44,7 @@ def test_relaxed_embedding(benchmark, impl, monkeypatch):
     if impl != "embedding_bag":
         monkeypatch.setenv(_dispatch.ENV_VAR, impl)
     run = _relaxed_embedding_bag if impl == "embedding_bag" else _relaxed_fused
-    d_weight, d_weights = benchmark(_timed(lambda: run(inputs), device))
+    d_weight, d_weights = benchmark(synced(lambda: run(inputs), device))
     expected = _relaxed_embedding_bag(inputs)
     torch.testing.assert_close(d_weight, expected[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(d_weights, expected[1], rtol=1e-5, atol=1e-5)
@@ -67,7 +52,7 @@ def test_relaxed_embedding(benchmark, impl, monkeypatch):
 
 @pytest.mark.parametrize("impl", ["reference", "cpu", "triton", "published"])
 def test_tempered_softmax_embedding(benchmark, impl, monkeypatch):
-    device = _device(impl)
+    device = bench_device(impl)
     _skip_unless_runnable(impl, device)
     shape = SMOKE["dense"] if benchmark.disabled else BENCH["dense"]
     benchmark.group = f"tempered_softmax_embedding fwd+bwd B*L={shape['B'] * shape['L']} V={shape['V']} d={shape['d']}"
@@ -75,7 +60,7 @@ def test_tempered_softmax_embedding(benchmark, impl, monkeypatch):
     if impl != "published":
         monkeypatch.setenv(_dispatch.ENV_VAR, impl)
     run = _dense_published if impl == "published" else _dense_fused
-    (d_weight,), z_t = benchmark(_timed(lambda: run(inputs), device))
+    (d_weight,), z_t = benchmark(synced(lambda: run(inputs), device))
     assert d_weight.shape == inputs["weight"].shape and z_t.shape == inputs["x0"].shape
     if impl != "published":  # same stream as the reference: same z_t, dE to fp32 rounding
         monkeypatch.setenv(_dispatch.ENV_VAR, "reference")

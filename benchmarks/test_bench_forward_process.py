@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import duo_kernels
-from benchmarks.test_bench_rng import _device, _timed
+from benchmarks.timing import bench_device, synced
 from duo_kernels import _dispatch, reference
 
 BENCH_SHAPE, BENCH_VOCAB = (4, 256), 50258
@@ -46,7 +46,7 @@ def _as_tuple(out):
 @pytest.mark.parametrize("impl", ["reference", "cpu", "cuda", "triton"])
 @pytest.mark.parametrize("op", list(OPS))
 def test_forward_process(benchmark, op, impl):
-    device = _device(impl)
+    device = bench_device(impl)
     if impl == "triton" and device.type != "cuda":
         pytest.skip("triton is timed on a GPU only; the interpreter is too slow to benchmark")
     ok, why = _dispatch.backend_status(impl, device)
@@ -54,17 +54,17 @@ def test_forward_process(benchmark, op, impl):
         pytest.skip(why)
     x0, vocab = _inputs(benchmark, device)
     benchmark.group = f"{op} B·L={x0.numel()} V={vocab}"
-    out = _as_tuple(benchmark(_timed(lambda: OPS[op](duo_kernels, x0, vocab, impl=impl), device)))
+    out = _as_tuple(benchmark(synced(lambda: OPS[op](duo_kernels, x0, vocab, impl=impl), device)))
     for got, want in zip(out, _as_tuple(OPS[op](reference, x0.cpu(), vocab))):
         torch.testing.assert_close(got.cpu(), want, rtol=2**-23, atol=0)
 
 
 def test_dense_latent_argmax(benchmark):
     """What gaussian_argmax replaces: the (B, L, V) latent of our stream and its argmax."""
-    device = _device("reference")
+    device = bench_device("reference")
     x0, vocab = _inputs(benchmark, device)
     benchmark.group = f"gaussian_argmax B·L={x0.numel()} V={vocab}"
-    run = _timed(lambda: reference.gaussian_argmax_dense(x0, GAMMA_T, vocab, seed=SEED), device)
+    run = synced(lambda: reference.gaussian_argmax_dense(x0, GAMMA_T, vocab, seed=SEED), device)
     z = benchmark(run) if benchmark.disabled else benchmark.pedantic(run, rounds=3, iterations=1)
     assert z.shape == x0.shape and bool(((z >= 0) & (z < vocab)).all())
 

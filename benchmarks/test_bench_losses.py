@@ -15,6 +15,7 @@ from benchmarks.cases import (_cross_entropy_grad, _dcd_grad, _dcd_inputs, _duo_
                               _linear_inputs, _nelbo_grad, _nelbo_inputs)
 from duo_kernels.reference import dcd as reference_dcd
 from duo_kernels.reference import nelbo as reference_nelbo
+from benchmarks.timing import bench_device, synced
 
 BENCH_SHAPE = dict(B=2, L=64, V=50258, d=256)
 SMOKE_SHAPE = dict(B=2, L=16, V=1000, d=32)
@@ -29,18 +30,6 @@ def _setup(benchmark, path: str, group: str):
     shape = SMOKE_SHAPE if benchmark.disabled else BENCH_SHAPE
     benchmark.group = f"{group} B={shape['B']} L={shape['L']} V={shape['V']}"
     return shape, device
-
-
-def _timed(fn, device: torch.device):
-    if device.type != "cuda":
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize(device)
-        return out
-
-    return run
 
 
 def _with_impl(fn, impl):
@@ -60,7 +49,7 @@ NELBO_PATHS = {
 def test_usdm_nelbo(benchmark, path):
     shape, device = _setup(benchmark, path, "usdm_nelbo fwd+bwd")
     inputs = _nelbo_inputs(shape, device)
-    (grad,) = benchmark(_timed(lambda: NELBO_PATHS[path](inputs), device))
+    (grad,) = benchmark(synced(lambda: NELBO_PATHS[path](inputs), device))
     assert grad.shape == inputs["logits"].shape
     if path in ("cpu", "triton"):
         (expected,) = NELBO_PATHS["reference fp64"](inputs)
@@ -89,7 +78,7 @@ def test_linear_usdm_nelbo(benchmark, path):
         # CPUs without bf16 matrix units run bf16 GEMMs ~100x slower than fp32 (15 s a call here)
         for key in ("hidden", "weight", "bias"):
             inputs[key] = inputs[key].detach().float().requires_grad_()
-    grads = benchmark(_timed(lambda: LINEAR_PATHS[path](inputs), device))
+    grads = benchmark(synced(lambda: LINEAR_PATHS[path](inputs), device))
     assert [g.shape for g in grads] == [inputs[k].shape for k in ("hidden", "weight", "bias")]
     if path in ("cpu", "triton"):
         for got, expected in zip(grads, _linear_grad(reference_nelbo.usdm_nelbo, inputs)):
@@ -109,7 +98,7 @@ DCD_PATHS = {
 def test_dcd_kl(benchmark, path):
     shape, device = _setup(benchmark, path, "dcd_kl reverse fwd+bwd")
     inputs = _dcd_inputs(shape, device)
-    (grad,) = benchmark(_timed(lambda: DCD_PATHS[path](inputs), device))
+    (grad,) = benchmark(synced(lambda: DCD_PATHS[path](inputs), device))
     assert grad.shape == inputs["student"].shape
     if path in ("cpu", "triton"):
         (expected,) = DCD_PATHS["reference fp64"](inputs)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from duo_kernels import _dispatch, rng
+from benchmarks.timing import bench_device, synced
 
 BENCH_DRAWS = 2**18  # the reference Philox takes ~65 ms a call on 2 cores: 10+ rounds in ~1 s
 SMOKE_DRAWS = 2**10
@@ -32,28 +33,10 @@ TORCH_FILLS = {
 }
 
 
-def _device(impl: str) -> torch.device:
-    """The GPU when there is one, so that every path but the C++ CPU kernels is timed where it runs."""
-    return torch.device("cpu" if impl == "cpu" or not torch.cuda.is_available() else "cuda")
-
-
-def _timed(fn, device: torch.device):
-    """``fn`` waited for: without the synchronize, a GPU call would time only its launch."""
-    if device.type != "cuda":
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize(device)
-        return out
-
-    return run
-
-
 @pytest.mark.parametrize("impl", ["reference", "cpu", "cuda", "triton"])
 @pytest.mark.parametrize("op", list(FILLS))
 def test_rng_fill(benchmark, op, impl):
-    device = _device(impl)
+    device = bench_device(impl)
     if impl == "triton" and device.type != "cuda":
         pytest.skip("triton is timed on a GPU only; the interpreter is too slow to benchmark")
     ok, why = _dispatch.backend_status(impl, device)
@@ -61,7 +44,7 @@ def test_rng_fill(benchmark, op, impl):
         pytest.skip(why)
     n = SMOKE_DRAWS if benchmark.disabled else BENCH_DRAWS
     benchmark.group = f"rng.{op} {n} draws"
-    out = benchmark(_timed(lambda: FILLS[op](n, impl, device), device))
+    out = benchmark(synced(lambda: FILLS[op](n, impl, device), device))
     assert out.shape == (n,)
     expected = FILLS[op](CHECKED, "reference", torch.device("cpu"))
     torch.testing.assert_close(out[:CHECKED].cpu(), expected, **TOLERANCE[op])
@@ -69,8 +52,8 @@ def test_rng_fill(benchmark, op, impl):
 
 @pytest.mark.parametrize("op", list(TORCH_FILLS))
 def test_torch_fill(benchmark, op):
-    device = _device("torch")
+    device = bench_device("torch")
     n = SMOKE_DRAWS if benchmark.disabled else BENCH_DRAWS
     benchmark.group = f"rng.{op} {n} draws"
-    out = benchmark(_timed(lambda: TORCH_FILLS[op](n, device), device))
+    out = benchmark(synced(lambda: TORCH_FILLS[op](n, device), device))
     assert out.shape == (n,)

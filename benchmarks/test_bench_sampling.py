@@ -15,6 +15,7 @@ import duo_kernels
 from benchmarks.cases import SAMPLING_ALPHA_S, SAMPLING_ALPHA_T, published_ancestral_step
 from duo_kernels import _dispatch
 from duo_kernels.reference import sampling as reference
+from benchmarks.timing import bench_device, synced
 
 BENCH_SHAPE = (4, 256, 4096)
 SMOKE_SHAPE = (2, 32, 1000)
@@ -29,23 +30,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _device(impl: str) -> torch.device:
-    return torch.device("cpu" if impl == "cpu" or not torch.cuda.is_available() else "cuda")
-
-
-def _timed(fn, device: torch.device):
-    """``fn`` waited for: without the synchronize, a GPU call would time only its launch."""
-    if device.type != "cuda":
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize(device)
-        return out
-
-    return run
 
 
 def _inputs(benchmark, device):
@@ -68,11 +52,11 @@ def _skip_unless_runs(impl: str, device: torch.device):
 @pytest.mark.parametrize("impl", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 def test_ancestral_step(benchmark, impl, top_p):
-    device = _device(impl)
+    device = bench_device(impl)
     _skip_unless_runs(impl, device)
     logits, z_t = _inputs(benchmark, device)
     benchmark.group = f"ancestral_step top_p={top_p:g} {tuple(logits.shape)}"
-    z_s = benchmark(_timed(lambda: duo_kernels.ancestral_step(logits, z_t, SAMPLING_ALPHA_T, SAMPLING_ALPHA_S,
+    z_s = benchmark(synced(lambda: duo_kernels.ancestral_step(logits, z_t, SAMPLING_ALPHA_T, SAMPLING_ALPHA_S,
                                                               top_p=top_p, seed=SEED, impl=impl), device))
     expected = reference.ancestral_step(logits.cpu(), z_t.cpu(), SAMPLING_ALPHA_T, SAMPLING_ALPHA_S, top_p=top_p,
                                         seed=SEED)
@@ -82,23 +66,23 @@ def test_ancestral_step(benchmark, impl, top_p):
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 def test_published_ancestral_step(benchmark, top_p):
     """The hot path the fused step replaces (benchmarks/cases.py), timed on the same inputs."""
-    device = _device("published")
+    device = bench_device("published")
     logits, z_t = _inputs(benchmark, device)
     benchmark.group = f"ancestral_step top_p={top_p:g} {tuple(logits.shape)}"
-    z_s = benchmark(_timed(lambda: published_ancestral_step(logits, z_t, SAMPLING_ALPHA_T, SAMPLING_ALPHA_S,
+    z_s = benchmark(synced(lambda: published_ancestral_step(logits, z_t, SAMPLING_ALPHA_T, SAMPLING_ALPHA_S,
                                                             top_p), device))
     assert z_s.shape == z_t.shape and int(z_s.max()) < logits.shape[-1]
 
 
 @pytest.mark.parametrize("impl", ["reference", "cpu", "triton", "torch.argmax"])
 def test_greedy_tail(benchmark, impl):
-    device = _device(impl)
+    device = bench_device(impl)
     if impl != "torch.argmax":
         _skip_unless_runs(impl, device)
     logits, _ = _inputs(benchmark, device)
     benchmark.group = f"greedy_tail {tuple(logits.shape)}"
     if impl == "torch.argmax":
-        ids = benchmark(_timed(lambda: logits.argmax(dim=-1), device))
+        ids = benchmark(synced(lambda: logits.argmax(dim=-1), device))
     else:
-        ids = benchmark(_timed(lambda: duo_kernels.greedy_tail(logits, impl=impl), device))
+        ids = benchmark(synced(lambda: duo_kernels.greedy_tail(logits, impl=impl), device))
     assert torch.equal(ids.cpu(), logits.cpu().argmax(dim=-1))
