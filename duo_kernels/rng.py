@@ -29,7 +29,8 @@ Two draws with the same seed and counter are the same numbers, on every backend.
 **Seeds.** ``seed`` is an int in [0, 2^64). An op given ``seed=None`` draws one from ``generator`` (or
 from torch's default CPU generator), so ``torch.manual_seed`` makes runs reproducible. Drawing from a
 CPU generator never synchronizes a GPU; a CUDA generator is read and advanced through its Philox
-offset, also without a synchronization.
+offset, also without a synchronization. A ``torch.library`` op takes a seed as the int64 of its bits
+(:func:`seed_to_int64`, :func:`seed_from_int64`).
 
 Example::
 
@@ -78,6 +79,23 @@ def resolve_seed(seed: int | None = None, generator: torch.Generator | None = No
     offset = gen.get_offset()
     gen.set_offset(offset + 4)
     return _mix64(gen.initial_seed() ^ _mix64(offset + 1))
+
+
+def seed_to_int64(seed: int) -> int:
+    """A seed in [0, 2^64) as the int64 of the same bits, for a ``torch.library`` op's ``int`` argument
+    (schemas carry int64); :func:`seed_from_int64` inverts it.
+
+    Example::
+
+        >>> seed_to_int64(2**64 - 1), seed_from_int64(seed_to_int64(2**64 - 1)) == 2**64 - 1
+        (-1, True)
+    """
+    return seed - SEED_LIMIT if seed >= 2**63 else seed
+
+
+def seed_from_int64(value: int) -> int:
+    """The seed in [0, 2^64) whose bits the int64 ``value`` holds (the inverse of :func:`seed_to_int64`)."""
+    return value % SEED_LIMIT
 
 
 def _mix64(x: int) -> int:

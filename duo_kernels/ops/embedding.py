@@ -26,7 +26,7 @@ from duo_kernels.reference.curriculum import _check_embedding
 from duo_kernels.reference.forward_process import _check_tokens, _log_snr
 from duo_kernels.reference.transform import gaussian_params
 from duo_kernels.ops.curriculum import tempered_softmax_topk as _topk
-from duo_kernels.rng import resolve_seed
+from duo_kernels.rng import resolve_seed, seed_from_int64, seed_to_int64
 
 # Elements of the (tokens, V) temporaries of the dense CPU path, per chunk of tokens (several such).
 _CPU_CHUNK = 1 << 22
@@ -238,16 +238,11 @@ def _dense_backward_cpu(dh, x, saved, vocab_size, tau, seed):
     return d_weight
 
 
-def _int64(seed: int) -> int:
-    """A seed in [0, 2^64) as the int64 of the same bits (custom-op schemas carry int64)."""
-    return seed - 2**64 if seed >= 2**63 else seed
-
-
 @torch.library.custom_op("duo_kernels::tempered_softmax_embedding_forward", mutates_args=())
 def _dense_forward_op(x: torch.Tensor, a_tilde: torch.Tensor, s_tilde: torch.Tensor, weight: torch.Tensor,
                       tau: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h (N, d) fp32, z_t (N,) int64, c (N,) fp32, statistics (3, N) fp32) for N flattened tokens."""
-    h, z, (c, stats) = _triton_kernels().dense_forward(x, a_tilde, s_tilde, tau, weight, seed % 2**64)
+    h, z, (c, stats) = _triton_kernels().dense_forward(x, a_tilde, s_tilde, tau, weight, seed_from_int64(seed))
     return h, z, c, stats
 
 
@@ -261,7 +256,7 @@ def _(x, a_tilde, s_tilde, weight, tau, seed):
 @torch.library.custom_op("duo_kernels::tempered_softmax_embedding_backward", mutates_args=())
 def _dense_backward_op(dh: torch.Tensor, x: torch.Tensor, c: torch.Tensor, stats: torch.Tensor, vocab_size: int,
                        seed: int) -> torch.Tensor:
-    return _triton_kernels().dense_backward(dh, x, (c, stats), vocab_size, seed % 2**64)
+    return _triton_kernels().dense_backward(dh, x, (c, stats), vocab_size, seed_from_int64(seed))
 
 
 @_dense_backward_op.register_fake
@@ -270,12 +265,12 @@ def _(dh, x, c, stats, vocab_size, seed):
 
 
 def _dense_forward_triton(x, a_tilde, s_tilde, tau, weight, seed):
-    h, z, c, stats = _dense_forward_op(x, a_tilde, s_tilde, weight, tau, _int64(seed))
+    h, z, c, stats = _dense_forward_op(x, a_tilde, s_tilde, weight, tau, seed_to_int64(seed))
     return h, z, (c, stats)
 
 
 def _dense_backward_triton(dh, x, saved, vocab_size, tau, seed):
-    return _dense_backward_op(dh, x, *saved, vocab_size, _int64(seed))
+    return _dense_backward_op(dh, x, *saved, vocab_size, seed_to_int64(seed))
 
 
 _DENSE_BACKWARD = {"cpu": _dense_backward_cpu, "triton": _dense_backward_triton}
