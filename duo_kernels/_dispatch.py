@@ -123,3 +123,12 @@ def dispatch(op: str, impl: str, device: torch.device, kernels: dict[str, Callab
             _warned.add((op, backend))
             warnings.warn(f"{op}: impl='auto' skips {backend!r}: {why}", RuntimeWarning, stacklevel=3)
     return "reference", kernels["reference"]
+
+
+@torch.compiler.assume_constant_result
+def resolve_backend(op: str, impl: str, device: str, kernels: dict[str, Callable]) -> str:
+    """The name of the backend that :func:`dispatch` picks, for ops whose fast backends are
+    ``torch.library`` ops taking that name: a constant for torch.compile, which calls it once per
+    trace (``device`` is ``str(tensor.device)``)."""
+    return dispatch(op, impl, torch.device(device), kernels)[0]
+

@@ -3,8 +3,8 @@
 The NELBO (:mod:`duo_kernels.reference.nelbo`, :mod:`duo_kernels.ops.nelbo`) and the DCD KL
 (:mod:`duo_kernels.reference.dcd`, :mod:`duo_kernels.ops.dcd`) take (B, L, V) logits, (B, L) token
 ids, an optional (B, L) mask and ``reduction="none" | "sum" | "mean"``, checked and reduced here the
-same way. Checks that read tensor values are skipped while ``torch.compile`` traces (a value read is a
-data-dependent graph break); eager calls check everything.
+same way. Checks that read tensor values go through :func:`duo_kernels._validate.values_checked`
+(skipped while ``torch.compile`` traces); eager calls check everything.
 """
 
 from __future__ import annotations
@@ -16,11 +16,6 @@ import torch
 from duo_kernels import _validate
 
 REDUCTIONS = ("none", "sum", "mean")
-
-
-def _reading_values() -> bool:
-    """Whether value checks may run: not while torch.compile traces the call."""
-    return not torch.compiler.is_compiling()
 
 
 def _check_logits(name: str, logits) -> int:
@@ -35,8 +30,7 @@ def _check_token_ids(name: str, ids, shape: tuple[int, int], vocab_size: int) ->
     _validate.check_tensor(name, ids, dtypes=(torch.int64,), ndim=2)
     if tuple(ids.shape) != shape:
         raise ValueError(f"{name} must have shape {shape} (the logits' first two dimensions), got {tuple(ids.shape)}")
-    if _reading_values():
-        _validate.check_ids(name, ids, vocab_size)
+    _validate.check_ids(name, ids, vocab_size)
 
 
 def _check_reduction(reduction) -> None:
@@ -45,7 +39,7 @@ def _check_reduction(reduction) -> None:
 
 
 def _check_alpha_t(alpha_t: torch.Tensor) -> None:
-    if not _reading_values() or not _validate.values_checked(alpha_t) or alpha_t.numel() == 0:
+    if not _validate.values_checked(alpha_t) or alpha_t.numel() == 0:
         return
     lo, hi = float(alpha_t.min()), float(alpha_t.max())
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -60,8 +54,7 @@ def _check_alpha_t(alpha_t: torch.Tensor) -> None:
 
 def _check_dalpha_t(dalpha_t: torch.Tensor) -> None:
     """d alpha_t / dt: finite and <= 0."""
-    if _reading_values():
-        _validate.check_range("dalpha_t", dalpha_t, -math.inf, 0.0, lo_open=True, hi_open=False)
+    _validate.check_range("dalpha_t", dalpha_t, -math.inf, 0.0, lo_open=True, hi_open=False)
 
 
 def _token_weights(mask, shape: tuple[int, int]) -> torch.Tensor | None:
@@ -71,7 +64,7 @@ def _token_weights(mask, shape: tuple[int, int]) -> torch.Tensor | None:
     _validate.check_tensor("mask", mask, dtypes=(torch.bool,) + _validate.FLOAT_DTYPES, ndim=2)
     if tuple(mask.shape) != shape:
         raise ValueError(f"mask must have shape {shape} (the logits' first two dimensions), got {tuple(mask.shape)}")
-    if mask.is_floating_point() and _reading_values():
+    if mask.is_floating_point():
         _validate.check_range("mask", mask, 0.0, math.inf, lo_open=False, hi_open=True)
     return mask.to(torch.float64)
 

@@ -3,7 +3,8 @@
 Each check raises ``ValueError`` naming the argument, before any kernel runs. Checks that would need
 the values of a device tensor (ids in range, alpha in (0, 1]) read them only for CPU tensors or when
 ``DUO_KERNELS_CHECK_VALUES=1``: reading a CUDA tensor synchronizes the host, which no op's forward may
-do by default.
+do by default. They never read values while ``torch.compile`` traces (a value read is a
+data-dependent graph break); eager calls check.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def values_checked(t: torch.Tensor) -> bool:
-    """Whether value checks (ranges, finiteness) may read ``t`` without a host synchronization."""
+    """Whether value checks (ranges, finiteness) may read ``t``: without a host synchronization, and
+    not while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return False
     return t.device.type == "cpu" or os.environ.get("DUO_KERNELS_CHECK_VALUES") == "1"
 
 
@@ -84,6 +88,7 @@ def check_range(name: str, t: torch.Tensor, lo: float, hi: float, *, lo_open: bo
     """Every value of ``t`` finite and in the interval (lo or [lo, hi or hi]."""
     if not values_checked(t) or t.numel() == 0:
         return
+    t = t.detach()
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite")
     tmin, tmax = float(t.min()), float(t.max())

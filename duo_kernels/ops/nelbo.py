@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from duo_kernels import _losses, _validate
-from duo_kernels._dispatch import dispatch, pure_torch
+from duo_kernels._dispatch import pure_torch, resolve_backend as _resolve_backend
 from duo_kernels.reference import nelbo as _ref
 
 # Rows per chunk of the "cpu" path: 2^18 fp32 elements (1 MiB, cache-sized) per temporary, a handful of
@@ -190,12 +190,11 @@ def _reference_linear_usdm_nelbo(hidden, weight, bias, z_t, x0, alpha_t, dalpha_
 _KERNELS = {"triton": _triton_rows, "cpu": pure_torch(_cpu_forward), "reference": _ref.usdm_nelbo}
 
 
-@torch.compiler.assume_constant_result
 def resolve_backend(op: str, impl: str, device: str) -> str:
-    """The backend (``"triton"``, ``"cpu"`` or ``"reference"``) that runs ``op`` for ``impl`` on ``device``:
-    a constant for torch.compile, which calls it once per trace. Every fused loss has these three
-    backends, and "cpu" is plain PyTorch (no native build)."""
-    return dispatch(op, impl, torch.device(device), _KERNELS)[0]
+    """The backend (``"triton"``, ``"cpu"`` or ``"reference"``) that runs ``op`` for ``impl`` on ``device``
+    (:func:`duo_kernels._dispatch.resolve_backend`). Every fused loss has these three backends, and "cpu"
+    is plain PyTorch (no native build)."""
+    return _resolve_backend(op, impl, device, _KERNELS)
 
 
 # ---- torch.library ops --------------------------------------------------------------------------------
