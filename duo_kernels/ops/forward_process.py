@@ -18,6 +18,13 @@ All of them draw the same Philox stream and do the per-token arithmetic in float
 they return the reference's ``z_t`` exactly (up to decisions within an ulp of their threshold). No
 (B, L, V) memory, no host synchronization (value checks read CPU tensors only; see
 :mod:`duo_kernels._validate`).
+
+``"cpu"``, ``"cuda"`` and ``"triton"`` run through the ``torch.library`` ops
+``duo_kernels::gaussian_argmax``, ``duo_kernels::gaussian_argmax_pair`` and
+``duo_kernels::usdm_forward`` (validated arguments in, newly allocated ids out, the backend an ``str``
+argument as in :mod:`duo_kernels.ops.nelbo`, the seed the int64 of its bits), with fake
+implementations, so ``torch.compile(fullgraph=True)`` traces each as one node. Under compile give an
+int ``seed``: ``seed=None`` reads a generator on the host, a graph break.
 """
 
 from __future__ import annotations
@@ -26,10 +33,10 @@ import functools
 
 import torch
 
-from duo_kernels._dispatch import dispatch
+from duo_kernels._dispatch import resolve_backend
 from duo_kernels.reference import forward_process as _reference
 from duo_kernels.reference.forward_process import _check_pair_order, _check_tokens, _log_snr, _signal_level
-from duo_kernels.rng import resolve_seed
+from duo_kernels.rng import resolve_seed, seed_from_int64, seed_to_int64
 
 
 def _on_device(value: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -92,6 +99,45 @@ _USDM = {
 }
 
 
+# ---- torch.library ops ("cpu", "cuda", "triton"; "reference" is plain PyTorch) ----------------------------
+# The seed travels as the int64 of its bits (duo_kernels.rng.seed_to_int64); the inputs are validated.
+
+@torch.library.custom_op("duo_kernels::gaussian_argmax", mutates_args=())
+def _gaussian_argmax_op(x0: torch.Tensor, gamma: torch.Tensor, vocab_size: int, seed: int,
+                        backend: str) -> torch.Tensor:
+    """z_t (B, L) int64."""
+    return _ARGMAX[backend](x0, gamma, vocab_size, seed_from_int64(seed))
+
+
+@_gaussian_argmax_op.register_fake
+def _(x0, gamma, vocab_size, seed, backend):
+    return x0.new_empty(x0.shape)
+
+
+@torch.library.custom_op("duo_kernels::gaussian_argmax_pair", mutates_args=())
+def _gaussian_argmax_pair_op(x0: torch.Tensor, gamma_t: torch.Tensor, gamma_s: torch.Tensor, vocab_size: int,
+                             seed: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_t, z_s), two (B, L) int64."""
+    return _PAIR[backend](x0, gamma_t, gamma_s, vocab_size, seed_from_int64(seed))
+
+
+@_gaussian_argmax_pair_op.register_fake
+def _(x0, gamma_t, gamma_s, vocab_size, seed, backend):
+    return x0.new_empty(x0.shape), x0.new_empty(x0.shape)
+
+
+@torch.library.custom_op("duo_kernels::usdm_forward", mutates_args=())
+def _usdm_forward_op(x0: torch.Tensor, alpha_t: torch.Tensor, vocab_size: int, seed: int,
+                     backend: str) -> torch.Tensor:
+    """z_t (B, L) int64."""
+    return _USDM[backend](x0, alpha_t, vocab_size, seed_from_int64(seed))
+
+
+@_usdm_forward_op.register_fake
+def _(x0, alpha_t, vocab_size, seed, backend):
+    return x0.new_empty(x0.shape)
+
+
 def gaussian_argmax(x0: torch.Tensor, gamma, vocab_size: int, *, seed: int | None = None,
                     generator: torch.Generator | None = None, impl: str = "auto") -> torch.Tensor:
     """``z_t = argmax(a~ e_x + s~ eps)`` drawn exactly in O(1) per token (duo-math §1.2).
@@ -122,8 +168,11 @@ def gaussian_argmax(x0: torch.Tensor, gamma, vocab_size: int, *, seed: int | Non
     vocab_size = _check_tokens(x0, vocab_size)
     gamma = _log_snr("gamma", gamma, x0.shape, x0.device)
     seed = resolve_seed(seed, generator)
-    _, kernel = dispatch("gaussian_argmax", impl, x0.device, _ARGMAX)
-    return kernel(x0.contiguous(), _on_device(gamma, x0.device), vocab_size, seed)
+    backend = resolve_backend("gaussian_argmax", impl, str(x0.device), _ARGMAX)
+    if backend == "reference":
+        return _ARGMAX["reference"](x0, gamma, vocab_size, seed)
+    return _gaussian_argmax_op(x0.contiguous(), _on_device(gamma, x0.device), vocab_size, seed_to_int64(seed),
+                               backend)
 
 
 def gaussian_argmax_pair(x0: torch.Tensor, gamma_t, gamma_s, vocab_size: int, *, seed: int | None = None,
@@ -158,8 +207,11 @@ def gaussian_argmax_pair(x0: torch.Tensor, gamma_t, gamma_s, vocab_size: int, *,
     gamma_s = _log_snr("gamma_s", gamma_s, x0.shape, x0.device)
     _check_pair_order(gamma_t, gamma_s)
     seed = resolve_seed(seed, generator)
-    _, kernel = dispatch("gaussian_argmax_pair", impl, x0.device, _PAIR)
-    return kernel(x0.contiguous(), _on_device(gamma_t, x0.device), _on_device(gamma_s, x0.device), vocab_size, seed)
+    backend = resolve_backend("gaussian_argmax_pair", impl, str(x0.device), _PAIR)
+    if backend == "reference":
+        return _PAIR["reference"](x0, gamma_t, gamma_s, vocab_size, seed)
+    return _gaussian_argmax_pair_op(x0.contiguous(), _on_device(gamma_t, x0.device), _on_device(gamma_s, x0.device),
+                                    vocab_size, seed_to_int64(seed), backend)
 
 
 def usdm_forward(x0: torch.Tensor, alpha_t, vocab_size: int, *, seed: int | None = None,
@@ -188,5 +240,7 @@ def usdm_forward(x0: torch.Tensor, alpha_t, vocab_size: int, *, seed: int | None
     vocab_size = _check_tokens(x0, vocab_size)
     alpha_t = _signal_level("alpha_t", alpha_t, x0.shape, x0.device)
     seed = resolve_seed(seed, generator)
-    _, kernel = dispatch("usdm_forward", impl, x0.device, _USDM)
-    return kernel(x0.contiguous(), _on_device(alpha_t, x0.device), vocab_size, seed)
+    backend = resolve_backend("usdm_forward", impl, str(x0.device), _USDM)
+    if backend == "reference":
+        return _USDM["reference"](x0, alpha_t, vocab_size, seed)
+    return _usdm_forward_op(x0.contiguous(), _on_device(alpha_t, x0.device), vocab_size, seed_to_int64(seed), backend)

@@ -175,6 +175,40 @@ def test_triton_matches_reference_everywhere(b, l, vocab_size, gamma_t, drop, al
 
 
 # ------------------------------------------------------------------------------------------------
+# torch.compile and the torch.library ops
+
+BIG_SEED = 2**64 - 3  # >= 2^63: the ops take the int64 of its bits
+
+
+def draw_all(x0, gamma_t, seed, impl):
+    z_t = duo_kernels.gaussian_argmax(x0, gamma_t, 37, seed=seed, impl=impl)
+    pair = duo_kernels.gaussian_argmax_pair(x0, gamma_t, gamma_t - 1.0, 37, seed=seed, impl=impl)
+    return (z_t, *pair, duo_kernels.usdm_forward(x0, torch.sigmoid(gamma_t), 37, seed=seed, impl=impl))
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_torch_compile_fullgraph(impl):
+    device = device_for(impl)
+    x0, gamma_t = random_ids((2, 3), 37, seed=5, device=device), torch.tensor([-1.0, 0.5], device=device)
+    compiled = torch.compile(draw_all, fullgraph=True, backend="aot_eager")
+    got = compiled(x0, gamma_t, BIG_SEED, impl)
+    assert same(got, draw_all(x0, gamma_t, BIG_SEED, impl))
+    assert same(tuple(z.cpu() for z in got), draw_all(x0.cpu(), gamma_t.cpu(), BIG_SEED, "reference"))
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_opcheck(impl):
+    device = device_for(impl)
+    x0 = random_ids((2, 3), 37, seed=6, device=device)
+    gamma = torch.tensor([[-1.0], [0.5]], dtype=torch.float64, device=device).expand(2, 3)
+    seed = duo_kernels.rng.seed_to_int64(BIG_SEED)
+    ops = torch.ops.duo_kernels
+    torch.library.opcheck(ops.gaussian_argmax.default, (x0, gamma, 37, seed, impl))
+    torch.library.opcheck(ops.gaussian_argmax_pair.default, (x0, gamma, gamma - 1.0, 37, seed, impl))
+    torch.library.opcheck(ops.usdm_forward.default, (x0, torch.sigmoid(gamma), 37, seed, impl))
+
+
+# ------------------------------------------------------------------------------------------------
 # seeds, generators, validation
 
 
