@@ -18,6 +18,10 @@ every kernel, so ids and ``z_t`` equal the reference's for the same seed (up to 
 an ulp) and the float32 weights agree to their rounding. The tail uses the cancelled closed form of
 the reference (``erfcx``), exact to rounding at any temperature. With ``impl="auto"`` on a GPU,
 k > 128 runs the reference.
+
+``"cpu"``, ``"cuda"`` and ``"triton"`` run through the ``torch.library`` op
+``duo_kernels::tempered_softmax_topk`` with a fake implementation, as the ops of
+:mod:`duo_kernels.ops.forward_process` (int ``seed`` under ``torch.compile(fullgraph=True)``).
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ from __future__ import annotations
 import torch
 
 from duo_kernels import _validate
-from duo_kernels._dispatch import check_impl, dispatch
+from duo_kernels._dispatch import check_impl, resolve_backend
 from duo_kernels.reference import curriculum as _reference
 from duo_kernels.reference.curriculum import _check_k
 from duo_kernels.ops.forward_process import _native, _on_device
 from duo_kernels.reference.forward_process import _check_tokens, _log_snr
-from duo_kernels.rng import resolve_seed
+from duo_kernels.rng import resolve_seed, seed_from_int64, seed_to_int64
 
 # The GPU kernels keep a token's k order statistics and shuffle records in registers / local memory.
 MAX_DEVICE_K = 128
@@ -60,6 +64,21 @@ _TOPK = {"reference": _reference_topk, "cpu": _native_topk, "cuda": _native_topk
 _TOPK_LARGE_K = {"reference": _reference_topk, "cpu": _native_topk}
 
 
+# The "cpu", "cuda" and "triton" kernels run as one torch.library op (the seed as the int64 of its bits,
+# duo_kernels.rng.seed_to_int64); "reference" is plain PyTorch.
+@torch.library.custom_op("duo_kernels::tempered_softmax_topk", mutates_args=())
+def _topk_op(x0: torch.Tensor, gamma: torch.Tensor, vocab_size: int, k: int, tau: float, reference_compat: bool,
+             seed: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids (B, L, k) int64, weights (B, L, k) float32, z_t (B, L) int64) from validated arguments."""
+    return _TOPK[backend](x0, gamma, vocab_size, k, tau, reference_compat, seed_from_int64(seed))
+
+
+@_topk_op.register_fake
+def _(x0, gamma, vocab_size, k, tau, reference_compat, seed, backend):
+    b, l = x0.shape
+    return x0.new_empty((b, l, k)), x0.new_empty((b, l, k), dtype=torch.float32), x0.new_empty((b, l))
+
+
 def tempered_softmax_topk(x0: torch.Tensor, gamma, vocab_size: int, k: int, tau: float, *,
                           reference_compat: bool = False, seed: int | None = None,
                           generator: torch.Generator | None = None, impl: str = "auto"):
@@ -83,7 +102,8 @@ def tempered_softmax_topk(x0: torch.Tensor, gamma, vocab_size: int, k: int, tau:
 
     Returns:
         ids: (B, L, k) int64, distinct per token; the slot of the clean coordinate (if visible) holds x.
-        weights: (B, L, k) float32 in [0, 1], summing to at most 1.
+        weights: (B, L, k) float32 in [0, 1], summing to at most 1; constants for autograd (no gradient
+            to ``gamma``) except with ``impl="reference"``, whose PyTorch math autograd follows.
         z_t: (B, L) int64.
 
     Example::
@@ -107,5 +127,8 @@ def tempered_softmax_topk(x0: torch.Tensor, gamma, vocab_size: int, k: int, tau:
             raise NotImplementedError(f"tempered_softmax_topk: impl={backend!r} supports k <= {MAX_DEVICE_K}, got "
                                       f"k = {k}; use impl='reference' (or impl='cpu' for CPU tensors)")
         kernels = _TOPK_LARGE_K
-    _, kernel = dispatch("tempered_softmax_topk", impl, x0.device, kernels)
-    return kernel(x0.contiguous(), _on_device(gamma, x0.device), vocab_size, k, tau, bool(reference_compat), seed)
+    backend = resolve_backend("tempered_softmax_topk", impl, str(x0.device), kernels)
+    if backend == "reference":
+        return _reference_topk(x0, gamma, vocab_size, k, tau, bool(reference_compat), seed)
+    return _topk_op(x0.contiguous(), _on_device(gamma, x0.device).detach(), vocab_size, k, tau,
+                    bool(reference_compat), seed_to_int64(seed), backend)

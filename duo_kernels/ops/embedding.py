@@ -11,6 +11,9 @@ Backends (``impl=``):
 
 Gradients flow to ``weight`` (and to ``weights`` for ``relaxed_embedding``); token ids, ``gamma`` and
 ``tau`` are not differentiable. Kernel design and numerics: :mod:`duo_kernels.triton.curriculum_embedding`.
+The Triton launches are ``torch.library`` ops, and ``tempered_softmax_topk_embedding`` calls the
+``duo_kernels::tempered_softmax_topk`` op (:mod:`duo_kernels.ops.curriculum`), so
+``torch.compile(fullgraph=True)`` traces ``relaxed_embedding`` and ``tempered_softmax_topk_embedding``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from duo_kernels import _validate, reference
-from duo_kernels._dispatch import dispatch, pure_torch
+from duo_kernels._dispatch import dispatch, pure_torch, resolve_backend
 from duo_kernels.reference import rng as _rng
 from duo_kernels.reference.curriculum import _check_embedding
 from duo_kernels.reference.forward_process import _check_tokens, _log_snr
@@ -114,6 +117,9 @@ class _RelaxedEmbedding(torch.autograd.Function):
         return d_weight, None, d_weights, None
 
 
+_RELAXED = {"triton": _relaxed_triton, "cpu": _relaxed_cpu, "reference": reference.relaxed_embedding}
+
+
 def _check_relaxed(weight, ids, weights, deterministic) -> None:
     if not isinstance(deterministic, bool):
         raise ValueError(f"deterministic must be a bool, got {deterministic!r}")
@@ -157,11 +163,10 @@ def relaxed_embedding(weight: torch.Tensor, ids: torch.Tensor, weights: torch.Te
         [0.25, 0.0, 0.75, 0.0]
     """
     _check_relaxed(weight, ids, weights, deterministic)
-    kernels = {"triton": _relaxed_triton, "cpu": _relaxed_cpu, "reference": reference.relaxed_embedding}
-    backend, run = dispatch("relaxed_embedding", impl, weight.device, kernels)
+    backend = resolve_backend("relaxed_embedding", impl, str(weight.device), _RELAXED)
     if backend == "triton":
-        return run(weight, ids, weights, deterministic)
-    return run(weight, ids, weights)
+        return _relaxed_triton(weight, ids, weights, deterministic)
+    return _RELAXED[backend](weight, ids, weights)
 
 
 def tempered_softmax_topk_embedding(x0: torch.Tensor, gamma, vocab_size: int, k: int, tau: float,

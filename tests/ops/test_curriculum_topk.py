@@ -234,6 +234,44 @@ def test_triton_special_functions():
 
 
 # ------------------------------------------------------------------------------------------------
+# torch.compile and the torch.library op
+
+BIG_SEED = 2**64 - 3  # >= 2^63: the op takes the int64 of its bits
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_torch_compile_fullgraph(impl):
+    device = device_for(impl)
+    x0, gamma = random_ids((2, 3), 37, seed=4).to(device), torch.tensor([-3.0, -1.0], device=device)
+
+    def draw(x0, gamma, seed):
+        return duo_kernels.tempered_softmax_topk(x0, gamma, 37, 3, 1e-2, seed=seed, impl=impl)
+
+    got = torch.compile(draw, fullgraph=True, backend="aot_eager")(x0, gamma, BIG_SEED)
+    for a, b in zip(got, draw(x0, gamma, BIG_SEED)):
+        assert torch.equal(a, b)
+    assert_matches_reference(tuple(t.cpu() for t in got), x0.cpu(), gamma.cpu(), 37, 3, 1e-2, False, BIG_SEED)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_opcheck(impl):
+    device = device_for(impl)
+    x0 = random_ids((2, 3), 37, seed=5).to(device)
+    gamma = torch.tensor([[-3.0], [-1.0]], dtype=torch.float64, device=device).expand(2, 3)
+    seed = duo_kernels.rng.seed_to_int64(BIG_SEED)
+    for k, compat in [(1, False), (3, True)]:
+        torch.library.opcheck(torch.ops.duo_kernels.tempered_softmax_topk.default,
+                              (x0, gamma, 37, k, 1e-2, compat, seed, impl))
+
+
+def test_weights_are_constants_for_autograd():
+    """As before registration: the fast backends' weights take no gradient from gamma."""
+    gamma = torch.tensor([-3.0, -1.0], requires_grad=True)
+    _, weights, _ = duo_kernels.tempered_softmax_topk(random_ids((2, 3), 37), gamma, 37, 3, 1e-2, seed=0, impl="cpu")
+    assert not weights.requires_grad
+
+
+# ------------------------------------------------------------------------------------------------
 # validation
 
 X0 = torch.zeros(2, 3, dtype=torch.int64)

@@ -185,6 +185,27 @@ def test_topk_embedding_draws_its_seed_from_the_generator():
     torch.testing.assert_close(h, reference.relaxed_embedding(weight, ids, weights))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_topk_embedding_torch_compile_fullgraph(impl):
+    """One compiled graph (the sampler op, the embedding and its backward) gives eager's h, z_t and dE."""
+    device = device_for(impl)
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(37, 8, generator=gen).to(device).requires_grad_()
+    x0, gamma = torch.randint(0, 37, (2, 3), generator=gen).to(device), torch.tensor([-3.0, -1.0], device=device)
+    upstream = torch.randn(2, 3, 8, generator=gen).to(device)
+
+    def embed(x0, gamma, weight, seed):
+        return duo_kernels.tempered_softmax_topk_embedding(x0, gamma, 37, 3, 1e-2, weight, seed=seed, impl=impl)
+
+    compiled = torch.compile(embed, fullgraph=True, backend="aot_eager")
+    outputs = []
+    for fn in (compiled, embed):
+        h, z_t = fn(x0, gamma, weight, 2**64 - 3)
+        outputs.append((h, z_t, *torch.autograd.grad(h, weight, upstream)))
+    for got, want in zip(*outputs):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("word,change", [
     ("weight", dict(weight=torch.randn(49, 4))),
     ("device", dict(weight=torch.randn(50, 4, device="meta"))),
