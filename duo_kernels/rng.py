@@ -32,6 +32,11 @@ CPU generator never synchronizes a GPU; a CUDA generator is read and advanced th
 offset, also without a synchronization. A ``torch.library`` op takes a seed as the int64 of its bits
 (:func:`seed_to_int64`, :func:`seed_from_int64`).
 
+**Ops.** :func:`uniform`, :func:`normal` and :func:`randint` run their ``"cpu"``, ``"cuda"`` and
+``"triton"`` kernels through the ``torch.library`` ops ``duo_kernels::rng_uniform``, ``rng_normal`` and
+``rng_randint`` (fake implementations included), so ``torch.compile(fullgraph=True)`` traces them for
+an int ``seed`` (``seed=None`` reads a generator on the host: a graph break).
+
 Example::
 
     >>> from duo_kernels import rng
@@ -42,11 +47,12 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
 
-from duo_kernels._dispatch import dispatch
+from duo_kernels._dispatch import resolve_backend
 
 SEED_LIMIT = 2**64
 OFFSET_LIMIT = 2**63
@@ -163,19 +169,53 @@ def _native_randint(shape, high, seed, offset, device):
     return _native_fill("randint", shape, torch.int64, device, high, seed, offset)
 
 
-def _triton(name: str):
+def _lazy(module: str, name: str):
+    """``module.name``, imported at the first call (the reference package imports this module)."""
     def run(*args):
-        from duo_kernels.triton import rng as triton_rng
-
-        return getattr(triton_rng, name)(*args)
+        return getattr(importlib.import_module(module), name)(*args)
 
     return run
 
 
 def _kernels(name: str, native) -> dict:
-    from duo_kernels.reference import rng as reference_rng  # the reference package imports this module
+    return {"reference": _lazy("duo_kernels.reference.rng", name), "cpu": native, "cuda": native,
+            "triton": _lazy("duo_kernels.triton.rng", name)}
 
-    return {"reference": getattr(reference_rng, name), "cpu": native, "cuda": native, "triton": _triton(name)}
+
+_UNIFORM = _kernels("uniform", _native_uniform)
+_NORMAL = _kernels("normal", _native_normal)
+_RANDINT = _kernels("randint", _native_randint)
+
+
+# ---- torch.library ops ("cpu", "cuda", "triton"; "reference" is plain PyTorch) ----------------------------
+
+@torch.library.custom_op("duo_kernels::rng_uniform", mutates_args=())
+def _uniform_op(shape: list[int], seed: int, offset: int, dtype: torch.dtype, device: torch.device,
+                backend: str) -> torch.Tensor:
+    return _UNIFORM[backend](tuple(shape), seed_from_int64(seed), offset, dtype, device)
+
+
+@torch.library.custom_op("duo_kernels::rng_normal", mutates_args=())
+def _normal_op(shape: list[int], seed: int, offset: int, dtype: torch.dtype, device: torch.device,
+               backend: str) -> torch.Tensor:
+    return _NORMAL[backend](tuple(shape), seed_from_int64(seed), offset, dtype, device)
+
+
+@_uniform_op.register_fake
+@_normal_op.register_fake
+def _(shape, seed, offset, dtype, device, backend):
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@torch.library.custom_op("duo_kernels::rng_randint", mutates_args=())
+def _randint_op(shape: list[int], high: int, seed: int, offset: int, device: torch.device,
+                backend: str) -> torch.Tensor:
+    return _RANDINT[backend](tuple(shape), high, seed_from_int64(seed), offset, device)
+
+
+@_randint_op.register_fake
+def _(shape, high, seed, offset, device, backend):
+    return torch.empty(shape, dtype=torch.int64, device=device)
 
 
 def uniform(shape, seed: int | None = None, offset: int = 0, dtype: torch.dtype = torch.float32, *,
@@ -198,8 +238,10 @@ def uniform(shape, seed: int | None = None, offset: int = 0, dtype: torch.dtype 
     shape, seed, offset = _prepare(shape, seed, generator, offset)
     _check_float_dtype(dtype)
     device = torch.device(device or "cpu")
-    _, fn = dispatch("rng.uniform", impl, device, _kernels("uniform", _native_uniform))
-    return fn(shape, seed, offset, dtype, device)
+    backend = resolve_backend("rng.uniform", impl, str(device), _UNIFORM)
+    if backend == "reference":
+        return _UNIFORM[backend](shape, seed, offset, dtype, device)
+    return _uniform_op(list(shape), seed_to_int64(seed), offset, dtype, device, backend)
 
 
 def normal(shape, seed: int | None = None, offset: int = 0, dtype: torch.dtype = torch.float32, *,
@@ -216,8 +258,10 @@ def normal(shape, seed: int | None = None, offset: int = 0, dtype: torch.dtype =
     shape, seed, offset = _prepare(shape, seed, generator, offset)
     _check_float_dtype(dtype)
     device = torch.device(device or "cpu")
-    _, fn = dispatch("rng.normal", impl, device, _kernels("normal", _native_normal))
-    return fn(shape, seed, offset, dtype, device)
+    backend = resolve_backend("rng.normal", impl, str(device), _NORMAL)
+    if backend == "reference":
+        return _NORMAL[backend](shape, seed, offset, dtype, device)
+    return _normal_op(list(shape), seed_to_int64(seed), offset, dtype, device, backend)
 
 
 def randint(shape, high: int, seed: int | None = None, offset: int = 0, *,
@@ -233,5 +277,7 @@ def randint(shape, high: int, seed: int | None = None, offset: int = 0, *,
         raise ValueError(f"high must be an int in [1, 2^31], got {high!r}")
     shape, seed, offset = _prepare(shape, seed, generator, offset)
     device = torch.device(device or "cpu")
-    _, fn = dispatch("rng.randint", impl, device, _kernels("randint", _native_randint))
-    return fn(shape, high, seed, offset, device)
+    backend = resolve_backend("rng.randint", impl, str(device), _RANDINT)
+    if backend == "reference":
+        return _RANDINT[backend](shape, high, seed, offset, device)
+    return _randint_op(list(shape), high, seed_to_int64(seed), offset, device, backend)

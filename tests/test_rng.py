@@ -140,6 +140,34 @@ def test_seed_from_torch_generators():
     assert 0 <= rng.resolve_seed(generator=g1) < 2**64
 
 
+def test_seed_int64_bits_round_trip():
+    for seed in (0, 2**63 - 1, 2**63, 2**64 - 1):
+        assert -2**63 <= rng.seed_to_int64(seed) < 2**63
+        assert rng.seed_from_int64(rng.seed_to_int64(seed)) == seed
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_torch_compile_fullgraph(impl):
+    device = device_for(impl)
+
+    def draw(seed):
+        return (rng.uniform((2, 3), seed=seed, offset=5, device=device, impl=impl),
+                rng.normal((4,), seed=seed, dtype=torch.float64, device=device, impl=impl),
+                rng.randint((5,), 1000, seed=seed, device=device, impl=impl))
+
+    got = torch.compile(draw, fullgraph=True, backend="aot_eager")(2**64 - 3)
+    for a, b in zip(got, draw(2**64 - 3)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_opcheck(impl):
+    device, seed = device_for(impl), rng.seed_to_int64(2**64 - 3)
+    for dtype in (torch.float32, torch.float64):
+        torch.library.opcheck(torch.ops.duo_kernels.rng_uniform.default, ([2, 3], seed, 7, dtype, device, impl))
+        torch.library.opcheck(torch.ops.duo_kernels.rng_normal.default, ([2, 3], seed, 7, dtype, device, impl))
+    torch.library.opcheck(torch.ops.duo_kernels.rng_randint.default, ([2, 3], 1000, seed, 7, device, impl))
+
 @pytest.mark.parametrize(
     "call,match",
     [
