@@ -507,6 +507,49 @@ for _phase, _label, _target in (("dense", "curriculum dense", "≥ 1.8× referen
         shape=dict(E2E_SHAPE),
     ))
 
+# ---- end-to-end sampling (duo_model) ---------------------------------------------------------------
+# duo_model.sample.generate: 8 ancestral steps and the Greedy-Tail (9 forward passes of DiT-small under
+# bf16 autocast) for B = 8 sequences of L = 1024 from uniform noise. "fused" binds duo_model.ops as by
+# default (the fused ancestral_step); "reference" runs the same loop, model and seed with the published
+# sampler's step (published_ancestral_step above: float64 posterior and exponential race). Tokens/s of
+# either path is B·L over its time.
+
+
+def _e2e_sample_inputs(shape: Shape, device: torch.device) -> Inputs:
+    inputs = _e2e_inputs({**shape, "k": 1}, device)
+    return {"model": inputs["models"]["auto"].eval(), "shape": shape, "device": device}
+
+
+def _published_step(logits, z_t, alpha_t, alpha_s, *, kappa=1.0, top_p=1.0, seed=None):
+    return published_ancestral_step(logits, z_t, alpha_t, alpha_s, top_p)
+
+
+def _e2e_sample(inputs: Inputs, published: bool):
+    from duo_model.sample import generate
+
+    if published:
+        model_ops.ancestral_step = _published_step
+    try:
+        shape = inputs["shape"]
+        ids, _ = generate(inputs["model"], num_samples=shape["B"], seq_len=shape["L"], steps=8, seed=0,
+                          batch_size=shape["B"], device=inputs["device"])
+        return ids
+    finally:
+        model_ops.use("auto")
+
+
+register(Case(
+    name="sample 8 steps + Greedy-Tail DiT-small",
+    family="duo_model",
+    make_inputs=_e2e_sample_inputs,
+    fused=lambda i: _e2e_sample(i, published=False),
+    reference=lambda i: _e2e_sample(i, published=True),
+    # 9 forward passes reading the bf16 weights once each; a lower bound only (compute-bound)
+    bytes_moved=lambda s: 9 * 2 * (2 * s["V"] * s["d"] + _e2e_blocks(s["d"]) * 12 * s["d"] ** 2),
+    target="≥ 2× reference sampler (PERF-TARGETS)",
+    shape=dict(SAMPLING_SHAPE),
+))
+
 # ---- losses ----------------------------------------------------------------------------------------
 # The reference side of every loss row is what the public Duo code runs: the NELBO and the KL in fp32
 # from bf16 logits (log_softmax, exp, xbar_theta, log, sums: duo-math §10 H4/H5/H9), written out below.

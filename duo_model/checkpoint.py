@@ -7,7 +7,8 @@ checkpoint folder has:
   evaluation and sampling use); ``optimizer.safetensors``: AdamW's moments (``state.<i>.<name>``);
 - ``config.json``: the run's settings, the DiT shape, the tokenizer's identity, the ops used;
 - ``state.json``: step, tokens seen, EMA update count, the optimizer's param groups;
-- ``tokenizer.json``: the tokenizer, rebuildable offline (a trained BPE is stored whole).
+- ``tokenizer.json``: the tokenizer, rebuildable offline (a trained BPE is stored whole);
+- any further ``<name>.safetensors`` a run needs to resume (distillation: ``teacher.safetensors``).
 
 A checkpoint is written into a temporary folder, flushed, then renamed to its final name
 (``os.replace``; atomic on POSIX), and only then does ``latest.json`` (itself written to a temporary
@@ -80,8 +81,9 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
 
 def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, ema: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, config: dict, state: dict, tokenizer: dict,
-                    keep: int = 2) -> Path:
-    """Write ``step-<step>`` atomically, point ``latest.json`` at it, keep the newest ``keep``."""
+                    keep: int = 2, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write ``step-<step>`` atomically, point ``latest.json`` at it, keep the newest ``keep``.
+    ``extra`` maps a name to more tensors, written as ``<name>.safetensors``."""
     folder = Path(run_dir) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}"
@@ -93,6 +95,8 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, e
         _write_file(tmp / "model.safetensors", _tensors_bytes(model.state_dict()))
         _write_file(tmp / "ema.safetensors", _tensors_bytes(ema))
         _write_file(tmp / "optimizer.safetensors", _tensors_bytes(opt_tensors))
+        for name, tensors in (extra or {}).items():
+            _write_file(tmp / f"{name}.safetensors", _tensors_bytes(tensors))
         _write_file(tmp / "config.json", json.dumps(config, indent=2).encode())
         _write_file(tmp / "state.json", json.dumps({**state, "optimizer_param_groups": groups}, indent=2).encode())
         _write_file(tmp / "tokenizer.json", json.dumps(tokenizer).encode())
@@ -138,12 +142,12 @@ def latest(run_dir: str | Path) -> Path | None:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """Everything in a checkpoint: ``model``, ``ema``, ``optimizer`` (tensor dicts), ``config``,
-    ``state``, ``tokenizer`` (JSON dicts) and ``path``."""
+    """Everything in a checkpoint: ``model``, ``ema``, ``optimizer`` and any extra tensor files (tensor
+    dicts, by file name), ``config``, ``state``, ``tokenizer`` (JSON dicts) and ``path``."""
     folder = resolve(path)
     out = {"path": folder}
-    for name in ("model", "ema", "optimizer"):
-        out[name] = load_tensors((folder / f"{name}.safetensors").read_bytes())
+    for file in sorted(folder.glob("*.safetensors")):
+        out[file.name[:-len(".safetensors")]] = load_tensors(file.read_bytes())
     for name in ("config", "state", "tokenizer"):
         out[name] = json.loads((folder / f"{name}.json").read_text())
     return out

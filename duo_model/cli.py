@@ -1,4 +1,4 @@
-"""The ``duo`` command: ``duo train`` and ``duo eval``.
+"""The ``duo`` command: ``duo demo``, ``duo train``, ``duo distill``, ``duo sample`` and ``duo eval``.
 
 Settings are ``key=value`` words after the command (``duo train lr=1e-3 max_steps=2000``), on top of
 an optional ``--config FILE`` (JSON, or YAML with PyYAML) and the defaults; ``--help`` lists them
@@ -34,22 +34,66 @@ weights). A checkpoint is written every save_every steps and at the end, atomica
 
 EVAL_DESCRIPTION = """\
 Validation perplexity of a checkpoint: for a Duo model the true discrete NELBO (log-linear schedule,
-one time per sequence; duo-math §3.4), for an AR model the next-token cross-entropy.
+one time per sequence; duo-math §3.4), for an AR model the next-token cross-entropy. With --gen, the
+generative perplexity of a samples file (from `duo sample`) under an autoregressive judge, and the
+samples' unigram entropy (duo-math §6.5).
 
     duo eval runs/duo                                   # the run's latest checkpoint, its own corpus
     duo eval runs/duo/checkpoints/step-00001000 batches=10
     duo eval runs/duo corpus=text:my_plays/             # other text, the checkpoint's tokenizer
+    duo eval --gen samples.json judge=runs/judge        # judge: a `duo train algo=ar` run
+    duo eval --gen samples.json judge=hf:gpt2-large     # or a Hugging Face causal LM (transformers)
 
-Prints one JSON line: checkpoint, step, algo, corpus, split, val_nll, val_ppl, val_tokens.
+Prints one JSON line: checkpoint, step, algo, corpus, split, val_nll, val_ppl, val_tokens; with
+--gen: samples, steps, num_samples, gen_nll, gen_ppl, gen_tokens, judge, entropy.
+"""
+
+DISTILL_DESCRIPTION = """\
+Distill a Duo model with Discrete Consistency Distillation (duo-math §5) so that it samples in few
+steps: rounds of update_teacher_every steps, the teacher refreshed and dt doubled every round.
+
+    duo distill init=runs/duo out_dir=runs/dcd                       # distill a `duo train` run
+    duo distill init=runs/duo out_dir=runs/dcd T=512 update_teacher_every=10000 max_steps=50000 \\
+        batch_size=128 micro_batch_size=2 lr=6e-5 warmup_steps=500   # the published recipe
+    duo distill --resume init=runs/duo out_dir=runs/dcd max_steps=1000
+
+Every line of metrics.jsonl is JSON: training lines (step, loss = the DCD KL, lr, dt, grad_norm,
+tokens_per_s) and validation lines (step, dt, val_kl). Sample the result with `duo sample runs/dcd`.
+"""
+
+SAMPLE_DESCRIPTION = """\
+Generate text with a Duo checkpoint (duo-math §6): ancestral or Psi-sampler steps, nucleus
+filtering, and a final noise-removal step (the Greedy-Tail by default).
+
+    duo sample runs/dcd steps=8                          # 8 steps + the Greedy-Tail
+    duo sample runs/duo steps=256 recipe=max-rescale     # Duo++'s Psi-sampler, eta = 0.05, top-p 0.9
+    duo sample runs/duo steps=64 noise_removal=ancestral num_samples=64 out=runs/duo/samples-64.json
+
+Writes a JSON file (settings, tokens/s and each sample's text and ids; score it with
+`duo eval --gen`) and prints its summary as one JSON line.
+"""
+
+DEMO_DESCRIPTION = """\
+The Duo story in miniature: train an AR judge and a Duo model with the curriculum, distill the Duo
+model with DCD, sample both at 64, 16 and 8 steps (ancestral and Greedy-Tail endings), and print
+validation PPL, Gen PPL and entropy; writes results.md, results.json, gen_ppl.png and the samples
+in the run folder. About 15 minutes on a 2-core CPU; --quick: about a minute (numbers meaningless).
+
+    duo demo                      # runs/demo
+    duo demo --quick              # runs/demo-quick
+    duo demo train_steps=2000 out_dir=runs/demo-long
 """
 
 
-def _parser(prog: str, description: str, cls, checkpoint: bool = False) -> argparse.ArgumentParser:
+CHECKPOINT_HELP = "a run folder (its latest checkpoint) or a checkpoint folder"
+
+
+def _parser(prog: str, description: str, cls, positional: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="settings (key=value; defaults shown):\n" + describe(cls))
-    if checkpoint:
-        parser.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    if positional:
+        parser.add_argument("path", help=positional)
     parser.add_argument("--config", metavar="FILE", help="JSON (or YAML) file of settings; key=value words win")
     parser.add_argument("settings", nargs="*", metavar="key=value", help="a setting (see the list below)")
     return parser
@@ -70,22 +114,61 @@ def _train(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from duo_model.eval import EvalConfig, evaluate_checkpoint
+    from duo_model.eval import EvalConfig, evaluate_checkpoint, evaluate_samples
 
-    parser = _parser("duo eval", EVAL_DESCRIPTION, EvalConfig, checkpoint=True)
+    parser = _parser("duo eval", EVAL_DESCRIPTION, EvalConfig,
+                     CHECKPOINT_HELP + "; with --gen, a samples file of `duo sample`")
+    parser.add_argument("--gen", action="store_true", help="score a samples file (the positional argument) with judge=")
     args = parser.parse_args(argv)
     cfg = build(EvalConfig, args.config, args.settings, command="eval")
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, cfg)))
+    evaluate = evaluate_samples if args.gen else evaluate_checkpoint
+    print(json.dumps(evaluate(args.path, cfg)))
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval}
-USAGE = """usage: duo {train,eval} [--help] [--config FILE] [key=value ...]
+def _distill(argv: list[str]) -> int:
+    from duo_model.distill import DistillConfig, distill
 
-  duo train   train a Duo model (or algo=ar, the autoregressive baseline)
-  duo eval    validation perplexity of a checkpoint
+    parser = _parser("duo distill", DISTILL_DESCRIPTION, DistillConfig)
+    parser.add_argument("--resume", action="store_true", help="continue the run in out_dir from its latest checkpoint")
+    args = parser.parse_args(argv)
+    cfg = build(DistillConfig, args.config, args.settings, command="distill")
+    result = distill(cfg, resume=args.resume)
+    print(f"done: step {result['step']}, dt {result.get('dt', float('nan')):.4f}, validation KL "
+          f"{result.get('val_kl', float('nan')):.4f} (EMA student vs teacher); run folder {cfg.out_dir}")
+    return 0
 
-`duo train --help` lists every setting."""
+
+def _sample(argv: list[str]) -> int:
+    from duo_model.sample import SampleConfig, sample_checkpoint
+
+    parser = _parser("duo sample", SAMPLE_DESCRIPTION, SampleConfig, CHECKPOINT_HELP)
+    args = parser.parse_args(argv)
+    cfg = build(SampleConfig, args.config, args.settings, command="sample")
+    print(json.dumps(sample_checkpoint(args.path, cfg)))
+    return 0
+
+
+def _demo(argv: list[str]) -> int:
+    from duo_model.demo import DemoConfig, run_demo
+
+    parser = _parser("duo demo", DEMO_DESCRIPTION, DemoConfig)
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
+    args = parser.parse_args(argv)
+    run_demo(build(DemoConfig, args.config, args.settings, command="demo"), quick=args.quick)
+    return 0
+
+
+COMMANDS = {"demo": _demo, "train": _train, "distill": _distill, "sample": _sample, "eval": _eval}
+USAGE = """usage: duo {demo,train,distill,sample,eval} [--help] [--config FILE] [key=value ...]
+
+  duo demo      the whole story on a laptop: train, distill, sample, evaluate
+  duo train     train a Duo model (or algo=ar, the autoregressive baseline)
+  duo distill   distill a Duo model for few-step sampling (DCD)
+  duo sample    generate text with a Duo checkpoint
+  duo eval      validation perplexity of a checkpoint, or (--gen) Gen PPL of samples
+
+`duo <command> --help` lists every setting."""
 
 
 def main(argv: list[str] | None = None) -> int:

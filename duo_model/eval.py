@@ -1,4 +1,5 @@
-"""Validation perplexity of a checkpoint (duo-math §3.4, §4.1, §8).
+"""Validation perplexity of a checkpoint (duo-math §3.4, §4.1, §8), and the generative evaluation of
+samples (§6.5).
 
 Duo: the true discrete NELBO with the log-linear schedule whatever phase the model was trained in,
 one time per sequence, stratified within each batch (§3.5), no prior or reconstruction term (as the
@@ -6,7 +7,16 @@ paper reports it): ``ppl = exp(sum of per-token NELBO / tokens)``. AR: ``exp`` o
 cross-entropy. Batch ``b`` draws its times and noise from ``(seed, b)``, so the number is
 deterministic and the same on any number of ranks.
 
-Command line: ``duo eval RUN_OR_CHECKPOINT [key=value ...]`` (see ``duo eval --help``).
+Generative evaluation of samples (a ``duo sample`` file): the **generative perplexity** under a
+judge, an autoregressive model — a ``duo train algo=ar`` checkpoint or a Hugging Face causal LM
+(``hf:NAME``, with ``transformers``) — and the **unigram entropy** of the samples. Each sample's text
+is re-tokenized with the judge's tokenizer, cut into windows of the judge's context (its training
+length), each window prefixed with BOS; ``gen_ppl = exp(sum of -log p(token | window prefix) / tokens)``
+over every text token. The entropy is that of each sample's own token-id histogram (nats), averaged
+over samples. A sampler that truncates the tail lowers both; compare Gen PPL at matched entropy.
+
+Command line: ``duo eval RUN_OR_CHECKPOINT [key=value ...]`` and
+``duo eval --gen SAMPLES_FILE judge=RUN_OR_hf:NAME`` (see ``duo eval --help``).
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from duo_model.checkpoint import load_model
+from duo_model.checkpoint import CheckpointError, load_model
 from duo_model.config import ConfigError, setting
 from duo_model.data import prepare_data
 from duo_model.dit import DiT
@@ -42,6 +52,8 @@ class EvalConfig:
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     precision: str = setting("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32", ("auto", "bf16", "fp32"))
     num_threads: int = setting(0, "torch CPU threads (0 = torch's default)")
+    judge: str = setting("", "with --gen: the judge, an AR run or checkpoint (`duo train algo=ar`) or hf:NAME (a "
+                         "Hugging Face causal LM; needs transformers)", group="Generative evaluation (--gen)")
 
 
 @torch.no_grad()
@@ -93,3 +105,112 @@ def evaluate_checkpoint(path: str, cfg: EvalConfig) -> dict:
             dist.destroy_process_group()
     return {"checkpoint": str(info["path"]), "step": info["state"]["step"], "algo": saved["algo"],
             "corpus": data.corpus, "split": cfg.split, **result}
+
+
+def unigram_entropy(ids: torch.Tensor) -> float:
+    """Mean over samples of the entropy (nats) of each sample's token-id histogram (§6.5); ids (N, L)."""
+    entropies = []
+    for row in ids:
+        p = torch.bincount(row).double()
+        p = p[p > 0] / row.numel()
+        entropies.append(float(-(p * p.log()).sum()))
+    return sum(entropies) / len(entropies)
+
+
+class _CheckpointJudge:
+    """A ``duo train algo=ar`` checkpoint as a judge: windows of its training length."""
+
+    def __init__(self, path: str, device: torch.device, precision: str):
+        self.model, info = load_model(path, device=device)
+        algo = info["config"]["train"]["algo"]
+        if algo != "ar":
+            raise CheckpointError(f"judge {info['path']} is an algo={algo} model; the judge must be autoregressive: "
+                                  "train one with `duo train algo=ar`")
+        self.tokenizer = info["tokenizer"]
+        self.window = info["config"]["train"]["seq_len"]
+        self.name, self.device, self.precision = str(info["path"]), device, precision
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        with autocast_context(self.device, self.precision):
+            return self.model(inputs, torch.zeros(len(inputs), device=self.device)).float()
+
+
+class _HFJudge:
+    """A Hugging Face causal LM as a judge (``hf:NAME``), windows of its context length."""
+
+    def __init__(self, name: str, device: torch.device):
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError:
+            raise ConfigError(f"judge=hf:{name} needs the transformers package (`pip install transformers`) and "
+                              "the model in its cache or a network; or judge with a `duo train algo=ar` run") from None
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+            self.model = AutoModelForCausalLM.from_pretrained(name).to(device).eval()
+        except OSError as exc:
+            raise ConfigError(f"judge=hf:{name} could not be loaded: {exc}") from None
+        self.tokenizer.bos_id = self.tokenizer.bos_token_id
+        self.tokenizer.pad_id = self.tokenizer.eos_token_id
+        self.window = min(1024, getattr(self.model.config, "max_position_embeddings", 1024))
+        self.name, self.device = f"hf:{name}", device
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs).logits.float()
+
+
+def load_judge(spec: str, device: torch.device, precision: str = "auto"):
+    """The judge of ``spec``: ``hf:NAME`` or an AR run/checkpoint folder."""
+    if not spec:
+        raise ConfigError("generative evaluation needs judge=RUN_OR_CHECKPOINT (an AR model: `duo train algo=ar`) "
+                          "or judge=hf:NAME")
+    if spec.startswith("hf:"):
+        return _HFJudge(spec[3:], device)
+    return _CheckpointJudge(spec, device, precision)
+
+
+@torch.no_grad()
+def generative_perplexity(texts: list[str], judge, *, batch_size: int = 8) -> dict:
+    """``{"gen_nll", "gen_ppl", "gen_tokens", "judge"}`` of ``texts`` under ``judge`` (module docstring)."""
+    bos, pad = judge.tokenizer.bos_id, judge.tokenizer.pad_id
+    windows = []
+    for text in texts:
+        ids = judge.encode(text)
+        windows += [[bos] + ids[i:i + judge.window - 1] for i in range(0, len(ids), judge.window - 1)]
+    total, count = 0.0, 0
+    for b in range(0, len(windows), batch_size):
+        chunk = windows[b:b + batch_size]
+        width = max(map(len, chunk))
+        batch = torch.full((len(chunk), width), pad, dtype=torch.int64)
+        for r, w in enumerate(chunk):
+            batch[r, :len(w)] = torch.tensor(w)
+        lengths = torch.tensor([len(w) for w in chunk])
+        batch = batch.to(judge.device)
+        logits = judge.logits(batch[:, :-1])
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").cpu()
+        keep = torch.arange(1, width)[None, :] < lengths[:, None]
+        total += float(nll[keep].double().sum())
+        count += int(keep.sum())
+    if count == 0:
+        raise ConfigError("the samples hold no text to score")
+    return {"gen_nll": total / count, "gen_ppl": perplexity(total / count), "gen_tokens": count, "judge": judge.name}
+
+
+def evaluate_samples(path: str, cfg: EvalConfig) -> dict:
+    """Gen PPL and unigram entropy of a samples file under ``cfg.judge``."""
+    from duo_model.sample import read_samples
+
+    record = read_samples(path)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    _, device = setup_distributed(cfg.device)
+    judge = load_judge(cfg.judge, device, cfg.precision)
+    ids = torch.tensor([s["ids"] for s in record["samples"]])
+    result = generative_perplexity([s["text"] for s in record["samples"]], judge, batch_size=cfg.batch_size)
+    return {"samples": str(path), "steps": record.get("steps"), "num_samples": len(ids), **result,
+            "entropy": unigram_entropy(ids)}

@@ -16,7 +16,7 @@ Example::
 
     >>> from duo_model import ops
     >>> sorted(ops.sources())[:3]
-    ['RelaxedEmbedding', 'diffusion_transform_t', 'linear_usdm_nelbo']
+    ['RelaxedEmbedding', 'ancestral_step', 'dcd_kl']
     >>> ops.use("reference"); ops.sources()["usdm_nelbo"]
     'duo_kernels.reference'
     >>> ops.use("auto")
@@ -35,7 +35,8 @@ from duo_kernels import reference
 
 # Ops with a reference twin of the same name and signature.
 _FUNCTIONS = ("usdm_nelbo", "usdm_forward", "tempered_softmax_topk", "relaxed_embedding",
-              "tempered_softmax_embedding", "diffusion_transform_t", "loglinear_schedule")
+              "tempered_softmax_embedding", "diffusion_transform", "diffusion_transform_t", "loglinear_schedule",
+              "gaussian_argmax_pair", "dcd_kl", "ancestral_step", "greedy_tail", "sampling_timesteps", "psi_kappas")
 
 _sources: dict[str, str] = {}
 
@@ -98,6 +99,8 @@ def sources() -> dict[str, str]:
 
 # Bound by use(); listed for readers and linters.
 usdm_nelbo = usdm_forward = tempered_softmax_topk = relaxed_embedding = None
-tempered_softmax_embedding = diffusion_transform_t = loglinear_schedule = linear_usdm_nelbo = None
+tempered_softmax_embedding = diffusion_transform = diffusion_transform_t = loglinear_schedule = None
+gaussian_argmax_pair = dcd_kl = ancestral_step = greedy_tail = sampling_timesteps = psi_kappas = None
+linear_usdm_nelbo = None
 RelaxedEmbedding = None
 use("auto")

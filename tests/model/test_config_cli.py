@@ -6,7 +6,10 @@ import pytest
 
 from duo_model import cli
 from duo_model.config import ConfigError, build
+from duo_model.demo import DemoConfig
+from duo_model.distill import DistillConfig
 from duo_model.eval import EvalConfig
+from duo_model.sample import SampleConfig
 from duo_model.train import TrainConfig
 
 
@@ -53,6 +56,11 @@ def test_help_lists_every_setting(capsys):
         cli.main(["eval", "--help"])
     out = capsys.readouterr().out
     assert all(f"  {name}=" in out for name in EvalConfig.__dataclass_fields__)
+    for command, cls in (("distill", DistillConfig), ("sample", SampleConfig), ("demo", DemoConfig)):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        out = capsys.readouterr().out
+        assert all(f"  {name}=" in out for name in cls.__dataclass_fields__), command
 
 
 def test_cli_errors_are_one_line_without_traceback(capsys, tmp_path):
@@ -63,5 +71,5 @@ def test_cli_errors_are_one_line_without_traceback(capsys, tmp_path):
     assert "duo train: error: corpus path" in err and "does not exist" in err and "Traceback" not in err
     assert cli.main(["eval", str(tmp_path)]) == 2
     assert "duo eval: error: no checkpoint at" in capsys.readouterr().err
-    assert cli.main(["sample"]) == 2
-    assert "unknown command 'sample'" in capsys.readouterr().err
+    assert cli.main(["generate"]) == 2
+    assert "unknown command 'generate'" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-MODULES = ["duo_model.ops", "duo_model.dit", "duo_model.data", "duo_model.config"]
+MODULES = ["duo_model.ops", "duo_model.dit", "duo_model.data", "duo_model.config", "duo_model.sample"]
 
 
 @pytest.mark.parametrize("name", MODULES)

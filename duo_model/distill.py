@@ -1,0 +1,320 @@
+"""Discrete Consistency Distillation (DCD, duo-math §5): a Duo model taught to jump from t to s = t - dt
+in one step, so that it samples in a few steps.
+
+One optimizer step, as the trainer's (global batch, micro-batches, ranks, warm-up, clipping, EMA):
+
+    round r = step // update_teacher_every; at the start of a round the teacher takes the student's
+        raw weights (the EMA ones with teacher_ema)
+    dt = 2^r / T  (linear_growth_dt: 0.001 + (step / max_steps)(0.25 - 0.001))                    (§5.1)
+    t ~ stratified in [1e-3, 1] (§3.5);  t <- min(t + dt, 1);  s = t - dt
+    gamma_u = gamma_min + u (gamma_max - gamma_min);  alpha_u = T(gamma_u)  for u in {t, s}       (§2)
+    (z_t, z_s) = gaussian_argmax_pair(x0, gamma_t, gamma_s, V)  (one shared Gaussian noise)       (§5.4)
+    loss_tok = KL(student(z_t, -log alpha_t) || teacher(z_s, -log alpha_s))  (kl-bwd; kl-fwd swaps)
+             = dcd_kl(student logits, teacher logits)
+
+The student starts from the checkpoint's EMA weights (``init_weights=raw`` for the raw ones) and its
+EMA restarts from them. The run folder is a checkpoint like a training run's (its config keeps the
+initial run's ``train`` settings, so ``duo eval`` and ``duo sample`` read it alike) plus the teacher
+(``teacher.safetensors``), so ``--resume`` continues mid-round exactly. Validation reports the
+distillation KL (``val_kl``) of the EMA student against the current teacher at the current dt, as the
+published code does.
+
+Command line: ``duo distill init=RUN_OR_CHECKPOINT [key=value ...]`` (see ``duo distill --help``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import duo_kernels
+from duo_model import ops
+from duo_model.checkpoint import CheckpointError, latest, read_checkpoint, restore_optimizer, save_checkpoint
+from duo_model.config import ConfigError, setting
+from duo_model.data import prepare_data, tokenizer_from_json
+from duo_model.dit import DiT, DiTConfig, count_parameters
+from duo_model.loss import antithetic_t
+from duo_model.runtime import Distributed, autocast_context, derive_seed, setup_distributed
+from duo_model.train import EMA, MetricsLog, batch_indices, step_times
+
+DT_LINEAR = (0.001, 0.25)  # linear_growth_dt: dt from 0.001 to 0.25 over the run (§5.2)
+
+
+@dataclass
+class DistillConfig:
+    """Every setting of ``duo distill`` (``key=value`` on the command line)."""
+
+    init: str = setting("", "the Duo run folder (its latest checkpoint) or checkpoint folder to distill; required",
+                        group="Initialisation")
+    init_weights: str = setting("ema", "start the student from the checkpoint's ema or raw weights", ("ema", "raw"))
+    corpus: str = setting("", "training text (default: the checkpoint's), tokenized with the checkpoint's tokenizer",
+                          group="Data")
+    seq_len: int = setting(0, "tokens per sequence (0 = the checkpoint's)")
+    val_fraction: float = setting(0.0, "held-out share of the corpus (0 = the checkpoint's)")
+    cache_dir: str = setting("", "cache folder (default $DUO_MODEL_CACHE or ~/.cache/duo_model)")
+    T: int = setting(64, "the first round's step is dt = 1/T (the published script: 512)",
+                     group="DCD (duo-math §5)")
+    update_teacher_every: int = setting(100, "steps per round: the teacher is refreshed and dt doubles every this "
+                                        "many steps (the paper: 10000)")
+    linear_growth_dt: bool = setting(False, "grow dt linearly from 0.001 to 0.25 over max_steps instead of doubling")
+    loss: str = setting("kl-bwd", "kl-bwd: KL(student || teacher) (the paper's); kl-fwd: KL(teacher || student)",
+                        ("kl-bwd", "kl-fwd"))
+    gamma_min: float = setting(-4.0, "gamma at t = 0 (alpha = 0.9987 for the GPT-2 vocabulary)")
+    gamma_max: float = setting(-1.0, "gamma at t = 1 (alpha = 0.0062 for the GPT-2 vocabulary)")
+    teacher_ema: bool = setting(False, "refresh the teacher from the EMA weights instead of the raw ones")
+    max_steps: int = setting(500, "optimizer steps (the paper: 50000, five rounds)", group="Optimization")
+    batch_size: int = setting(32, "global batch: sequences per optimizer step over all ranks (the paper: 128)")
+    micro_batch_size: int = setting(0, "sequences per forward pass on one rank; 0 = batch_size / ranks")
+    lr: float = setting(6e-5, "AdamW learning rate after warm-up (constant)")
+    warmup_steps: int = setting(50, "linear learning-rate warm-up from 0 (the paper: 500)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.999, "AdamW beta2")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
+    ema: float = setting(0.999, "EMA decay of the student (warmed up as min(ema, (1+n)/(10+n)))")
+    out_dir: str = setting("runs/distill", "run folder: metrics.jsonl, checkpoints/", group="Run")
+    seed: int = setting(1, "seed of data order, times and noise")
+    log_every: int = setting(10, "steps between metric lines")
+    eval_every: int = setting(100, "steps between validation KL evaluations (0 = only at the end)")
+    eval_batches: int = setting(8, "validation batches of batch_size per evaluation (0 = the whole split)")
+    save_every: int = setting(250, "steps between checkpoints (0 = only at the end)")
+    keep_checkpoints: int = setting(2, "newest checkpoints kept (0 = all)")
+    device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+    precision: str = setting("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32", ("auto", "bf16", "fp32"))
+    num_threads: int = setting(0, "torch CPU threads per process (0 = torch's default)")
+    progress: bool = setting(True, "show a progress bar on rank 0")
+
+
+def dt_at(cfg: DistillConfig, step: int) -> float:
+    """The step size dt of ``step`` (§5.1): doubling every round, or linear growth."""
+    if cfg.linear_growth_dt:
+        lo, hi = DT_LINEAR
+        return lo + (step / cfg.max_steps) * (hi - lo)
+    return min(1.0, 2.0 ** (step // cfg.update_teacher_every) / cfg.T)
+
+
+class DCDLoss(nn.Module):
+    """Per-token DCD loss (B, L) fp32 of a student DiT against a frozen teacher DiT: the module DDP
+    wraps. ``forward(x0, t, dt, seed)`` takes clean ids (B, L), raw times t (B,) in [1e-3, 1] (shifted
+    up by dt here), the step size and the noise seed."""
+
+    def __init__(self, student: DiT, teacher: DiT, *, loss: str = "kl-bwd", gamma_min: float = -4.0,
+                 gamma_max: float = -1.0):
+        super().__init__()
+        if loss not in ("kl-bwd", "kl-fwd"):
+            raise ValueError(f"loss must be 'kl-bwd' or 'kl-fwd', got {loss!r}")
+        self.student, self.teacher = student, teacher
+        self.teacher.requires_grad_(False)
+        self.direction = "reverse" if loss == "kl-bwd" else "forward"
+        self.gamma_min, self.gamma_max = gamma_min, gamma_max
+
+    def forward(self, x0: torch.Tensor, t: torch.Tensor, dt: float, seed: int) -> torch.Tensor:
+        vocab_size = self.student.config.vocab_size
+        t = torch.clamp(t.to(x0.device, torch.float64) + dt, max=1.0)
+        s = t - dt
+        with torch.autocast(x0.device.type, enabled=False):
+            gamma_t = self.gamma_min + t * (self.gamma_max - self.gamma_min)
+            gamma_s = self.gamma_min + s * (self.gamma_max - self.gamma_min)
+            z_t, z_s = ops.gaussian_argmax_pair(x0, gamma_t, gamma_s, vocab_size, seed=seed)
+            sigma_t = -torch.log(ops.diffusion_transform(gamma_t, vocab_size)[0]).float()
+            sigma_s = -torch.log(ops.diffusion_transform(gamma_s, vocab_size)[0]).float()
+        self.teacher.eval()
+        with torch.no_grad():
+            teacher_logits = self.teacher(z_s, sigma_s)
+        return ops.dcd_kl(self.student(z_t, sigma_t), teacher_logits, direction=self.direction)
+
+
+@torch.no_grad()
+def validation_kl(objective: DCDLoss, sequences: torch.Tensor, dt: float, *, batch_size: int, seed: int,
+                  device: torch.device, precision: str = "auto", max_batches: int | None = None, rank: int = 0,
+                  world_size: int = 1) -> dict:
+    """``{"val_kl", "val_tokens"}``: the mean per-token DCD loss of ``objective`` at step size ``dt`` on
+    ``sequences`` (N, L), with times and noise fixed by ``(seed, batch)``; batches spread over ranks."""
+    was_training = objective.student.training
+    objective.student.eval()
+    n_batches = math.ceil(len(sequences) / batch_size)
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for b in range(rank, n_batches, world_size):
+        x0 = sequences[b * batch_size:(b + 1) * batch_size].to(device)
+        t = antithetic_t(len(x0), torch.Generator().manual_seed(derive_seed(seed, "eval-t", b)))
+        with autocast_context(device, precision):
+            loss = objective(x0, t, dt, derive_seed(seed, "eval-noise", b))
+        totals[0] += loss.double().sum()
+        totals[1] += loss.numel()
+    if world_size > 1:
+        dist.all_reduce(totals)
+    objective.student.train(was_training)
+    return {"val_kl": float(totals[0] / totals[1]), "val_tokens": int(totals[1])}
+
+
+def _read_init(cfg: DistillConfig) -> dict:
+    if not cfg.init:
+        raise ConfigError("duo distill needs init=RUN_OR_CHECKPOINT: the Duo model to distill (a `duo train` run)")
+    ckpt = read_checkpoint(cfg.init)
+    algo = ckpt["config"]["train"]["algo"]
+    if algo != "duo":
+        raise CheckpointError(f"checkpoint {ckpt['path']} is an algo={algo} model; DCD distills a Duo model")
+    return ckpt
+
+
+def distill(cfg: DistillConfig, resume: bool = False) -> dict:
+    """Distill as configured; returns the last metrics (``step``, ``loss``, ``dt``, ``val_kl``, ...)."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    for name in ("T", "update_teacher_every", "max_steps"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    env, device = setup_distributed(cfg.device)
+    try:
+        return _distill(cfg, resume, env, device)
+    finally:
+        if env.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _distill(cfg: DistillConfig, resume: bool, env: Distributed, device: torch.device) -> dict:
+    micro = cfg.micro_batch_size or cfg.batch_size // env.world_size
+    if micro < 1 or cfg.batch_size % (micro * env.world_size):
+        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size ({micro}) times the "
+                          f"number of ranks ({env.world_size})")
+    accum = cfg.batch_size // (micro * env.world_size)
+    out_dir = Path(cfg.out_dir)
+
+    init = _read_init(cfg)
+    saved = init["config"]["train"]
+    tokenizer = tokenizer_from_json(init["tokenizer"])
+    data_args = dict(corpus=cfg.corpus or saved["corpus"], tokenizer=tokenizer, seq_len=cfg.seq_len or saved["seq_len"],
+                     val_fraction=cfg.val_fraction or saved["val_fraction"], cache=cfg.cache_dir or None)
+    data = prepare_data(**data_args) if env.main else None
+    env.barrier()
+    data = data or prepare_data(**data_args)
+    if len(data.train) < cfg.batch_size:
+        raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(data.train)} training sequences")
+
+    mcfg = DiTConfig(**init["config"]["model"])
+    student, teacher = DiT(mcfg).to(device), DiT(mcfg).to(device)
+    student.load_state_dict(init[cfg.init_weights])
+    objective = DCDLoss(student, teacher, loss=cfg.loss, gamma_min=cfg.gamma_min, gamma_max=cfg.gamma_max)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  weight_decay=cfg.weight_decay)
+    ema = EMA(student, cfg.ema)
+    step = 0
+
+    ckpt_path = latest(out_dir) if resume else None
+    if resume and ckpt_path is None:
+        raise CheckpointError(f"--resume: no checkpoint in {str(out_dir)!r} (run without --resume to start one)")
+    if not resume and latest(out_dir) is not None:
+        raise CheckpointError(f"{str(out_dir)!r} already holds a run; pass --resume to continue it, or choose "
+                              "another out_dir")
+    if ckpt_path is not None:
+        ckpt = read_checkpoint(ckpt_path)
+        if "distill" not in ckpt["config"] or ckpt["config"]["model"] != mcfg.to_dict() \
+                or ckpt["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
+            raise CheckpointError(f"checkpoint {ckpt['path']} is not a distillation of {cfg.init}")
+        student.load_state_dict(ckpt["model"])
+        teacher.load_state_dict(ckpt["teacher"])
+        restore_optimizer(optimizer, ckpt["optimizer"], ckpt["state"]["optimizer_param_groups"])
+        ema.load(ckpt["ema"], ckpt["state"]["ema_updates"])
+        step = ckpt["state"]["step"]
+
+    trained = objective
+    if env.enabled:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None)
+
+    run_config = {"train": saved, "model": mcfg.to_dict(), "distill": dataclasses.asdict(cfg),
+                  "init": str(init["path"]), "duo_kernels": duo_kernels.__version__, "ops": ops.sources()}
+    log = None
+    if env.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(out_dir / "metrics.jsonl", cfg.max_steps, step, cfg.progress)
+        log.message(f"duo distill: DCD ({cfg.loss}) of {init['path']} (DiT-{saved['model']}, "
+                    f"{count_parameters(student) / 1e6:.2f}M params, V={mcfg.vocab_size}), {env.world_size} rank(s) "
+                    f"x {micro} x {accum} accumulation, device {device}, from step {step}")
+
+    def save(at_step: int) -> None:
+        if env.main:
+            state = {"step": at_step, "ema_updates": ema.updates}
+            path = save_checkpoint(out_dir, at_step, model=student, ema=ema.state_dict(), optimizer=optimizer,
+                                   config=run_config, state=state, tokenizer=init["tokenizer"],
+                                   keep=cfg.keep_checkpoints, extra={"teacher": teacher.state_dict()})
+            log.message(f"saved {path}")
+        env.barrier()
+
+    def run_eval(at_step: int, dt: float) -> dict:
+        ema_student = DiT(mcfg).to(device)
+        ema_student.load_state_dict(ema.state_dict())
+        evaluator = DCDLoss(ema_student, teacher, loss=cfg.loss, gamma_min=cfg.gamma_min, gamma_max=cfg.gamma_max)
+        result = validation_kl(evaluator, data.validation, dt, batch_size=cfg.batch_size, seed=cfg.seed,
+                               device=device, precision=cfg.precision, max_batches=cfg.eval_batches or None,
+                               rank=env.rank, world_size=env.world_size)
+        if env.main:
+            log.write({"step": at_step, "dt": dt, **result}, f"val kl {result['val_kl']:.4f}")
+        return result
+
+    params = list(student.parameters())
+    last: dict = {"step": step}
+    loss_sum = torch.zeros((), device=device)
+    steps_since_log, timer = 0, time.perf_counter()
+    student.train()
+    while step < cfg.max_steps:
+        if step % cfg.update_teacher_every == 0:
+            teacher.load_state_dict(ema.state_dict() if cfg.teacher_ema else student.state_dict())
+        dt = dt_at(cfg, step)
+        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = batch_indices(step, cfg.batch_size, len(data.train), cfg.seed)
+        times = step_times(step, cfg.batch_size, cfg.seed)
+        for a in range(accum):
+            start = (env.rank * accum + a) * micro
+            x0 = data.train[indices[start:start + micro]].to(device, non_blocking=True)
+            torch.manual_seed(derive_seed(cfg.seed, "dropout", step, start))
+            sync = contextlib.nullcontext() if (a == accum - 1 or not env.enabled) else trained.no_sync()
+            with sync:
+                with autocast_context(device, cfg.precision):
+                    loss = trained(x0, times[start:start + micro], dt,
+                                   derive_seed(cfg.seed, "noise", step, start)).mean() / accum
+                loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update()
+        step += 1
+        steps_since_log += 1
+        if env.main:
+            log.advance(1)
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if env.enabled:
+                dist.all_reduce(loss_sum)
+                loss_sum /= env.world_size
+            elapsed = time.perf_counter() - timer
+            record = {"step": step, "loss": float(loss_sum) / steps_since_log, "lr": lr, "dt": dt,
+                      "grad_norm": None if grad_norm is None else float(grad_norm),
+                      "tokens_per_s": cfg.batch_size * data.train.shape[1] * steps_since_log / elapsed}
+            if env.main:
+                log.write(record, f"kl {record['loss']:.4f} dt {dt:.4f} {record['tokens_per_s']:.0f} tok/s")
+            last.update(record)
+            loss_sum.zero_()
+            steps_since_log, timer = 0, time.perf_counter()
+        if step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0):
+            last.update(run_eval(step, dt))
+            timer = time.perf_counter()
+        if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
+            save(step)
+            timer = time.perf_counter()
+    if env.main:
+        log.close()
+    return last
