@@ -24,10 +24,7 @@ Command line: ``duo distill init=RUN_OR_CHECKPOINT [key=value ...]`` (see ``duo 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +34,13 @@ from torch import nn
 
 import duo_kernels
 from duo_model import ops
-from duo_model.checkpoint import CheckpointError, latest, read_checkpoint, restore_optimizer, save_checkpoint
+from duo_model.checkpoint import CheckpointError, read_checkpoint, restore_optimizer, save_checkpoint
 from duo_model.config import ConfigError, setting
 from duo_model.data import prepare_data, tokenizer_from_json
 from duo_model.dit import DiT, DiTConfig, count_parameters
-from duo_model.loss import antithetic_t
-from duo_model.runtime import Distributed, autocast_context, derive_seed, setup_distributed
-from duo_model.train import EMA, MetricsLog, batch_indices, step_times
+from duo_model.eval import mean_loss
+from duo_model.runtime import Distributed, setup_distributed
+from duo_model.train import EMA, MetricsLog, micro_batches, optimize, resume_point
 
 DT_LINEAR = (0.001, 0.25)  # linear_growth_dt: dt from 0.001 to 0.25 over the run (§5.2)
 
@@ -140,21 +137,11 @@ def validation_kl(objective: DCDLoss, sequences: torch.Tensor, dt: float, *, bat
     ``sequences`` (N, L), with times and noise fixed by ``(seed, batch)``; batches spread over ranks."""
     was_training = objective.student.training
     objective.student.eval()
-    n_batches = math.ceil(len(sequences) / batch_size)
-    if max_batches:
-        n_batches = min(n_batches, max_batches)
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for b in range(rank, n_batches, world_size):
-        x0 = sequences[b * batch_size:(b + 1) * batch_size].to(device)
-        t = antithetic_t(len(x0), torch.Generator().manual_seed(derive_seed(seed, "eval-t", b)))
-        with autocast_context(device, precision):
-            loss = objective(x0, t, dt, derive_seed(seed, "eval-noise", b))
-        totals[0] += loss.double().sum()
-        totals[1] += loss.numel()
-    if world_size > 1:
-        dist.all_reduce(totals)
+    total, count = mean_loss(lambda x0, t, noise: objective(x0, t, dt, noise), sequences, batch_size=batch_size,
+                             seed=seed, device=device, precision=precision, max_batches=max_batches, rank=rank,
+                             world_size=world_size)
     objective.student.train(was_training)
-    return {"val_kl": float(totals[0] / totals[1]), "val_tokens": int(totals[1])}
+    return {"val_kl": total / count, "val_tokens": count}
 
 
 def _read_init(cfg: DistillConfig) -> dict:
@@ -183,11 +170,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict:
 
 
 def _distill(cfg: DistillConfig, resume: bool, env: Distributed, device: torch.device) -> dict:
-    micro = cfg.micro_batch_size or cfg.batch_size // env.world_size
-    if micro < 1 or cfg.batch_size % (micro * env.world_size):
-        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size ({micro}) times the "
-                          f"number of ranks ({env.world_size})")
-    accum = cfg.batch_size // (micro * env.world_size)
+    micro, accum = micro_batches(cfg, env)
     out_dir = Path(cfg.out_dir)
 
     init = _read_init(cfg)
@@ -210,12 +193,7 @@ def _distill(cfg: DistillConfig, resume: bool, env: Distributed, device: torch.d
     ema = EMA(student, cfg.ema)
     step = 0
 
-    ckpt_path = latest(out_dir) if resume else None
-    if resume and ckpt_path is None:
-        raise CheckpointError(f"--resume: no checkpoint in {str(out_dir)!r} (run without --resume to start one)")
-    if not resume and latest(out_dir) is not None:
-        raise CheckpointError(f"{str(out_dir)!r} already holds a run; pass --resume to continue it, or choose "
-                              "another out_dir")
+    ckpt_path = resume_point(out_dir, resume)
     if ckpt_path is not None:
         ckpt = read_checkpoint(ckpt_path)
         if "distill" not in ckpt["config"] or ckpt["config"]["model"] != mcfg.to_dict() \
@@ -262,59 +240,13 @@ def _distill(cfg: DistillConfig, resume: bool, env: Distributed, device: torch.d
             log.write({"step": at_step, "dt": dt, **result}, f"val kl {result['val_kl']:.4f}")
         return result
 
-    params = list(student.parameters())
-    last: dict = {"step": step}
-    loss_sum = torch.zeros((), device=device)
-    steps_since_log, timer = 0, time.perf_counter()
-    student.train()
-    while step < cfg.max_steps:
-        if step % cfg.update_teacher_every == 0:
+    def step_inputs(at_step: int):
+        if at_step % cfg.update_teacher_every == 0:
             teacher.load_state_dict(ema.state_dict() if cfg.teacher_ema else student.state_dict())
-        dt = dt_at(cfg, step)
-        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        indices = batch_indices(step, cfg.batch_size, len(data.train), cfg.seed)
-        times = step_times(step, cfg.batch_size, cfg.seed)
-        for a in range(accum):
-            start = (env.rank * accum + a) * micro
-            x0 = data.train[indices[start:start + micro]].to(device, non_blocking=True)
-            torch.manual_seed(derive_seed(cfg.seed, "dropout", step, start))
-            sync = contextlib.nullcontext() if (a == accum - 1 or not env.enabled) else trained.no_sync()
-            with sync:
-                with autocast_context(device, cfg.precision):
-                    loss = trained(x0, times[start:start + micro], dt,
-                                   derive_seed(cfg.seed, "noise", step, start)).mean() / accum
-                loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update()
-        step += 1
-        steps_since_log += 1
-        if env.main:
-            log.advance(1)
+        dt = dt_at(cfg, at_step)
+        return dt, {"dt": dt}, f"dt {dt:.4f}"
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            if env.enabled:
-                dist.all_reduce(loss_sum)
-                loss_sum /= env.world_size
-            elapsed = time.perf_counter() - timer
-            record = {"step": step, "loss": float(loss_sum) / steps_since_log, "lr": lr, "dt": dt,
-                      "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "tokens_per_s": cfg.batch_size * data.train.shape[1] * steps_since_log / elapsed}
-            if env.main:
-                log.write(record, f"kl {record['loss']:.4f} dt {dt:.4f} {record['tokens_per_s']:.0f} tok/s")
-            last.update(record)
-            loss_sum.zero_()
-            steps_since_log, timer = 0, time.perf_counter()
-        if step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0):
-            last.update(run_eval(step, dt))
-            timer = time.perf_counter()
-        if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
-            save(step)
-            timer = time.perf_counter()
-    if env.main:
-        log.close()
-    return last
+    student.train()
+    return optimize(cfg, env=env, device=device, sequences=data.train, objective=trained, optimizer=optimizer,
+                    ema=ema, step=step, micro=micro, accum=accum, log=log, step_inputs=step_inputs,
+                    run_eval=lambda at_step: run_eval(at_step, dt_at(cfg, at_step - 1)), save=save)

@@ -65,6 +65,19 @@ def validation_nll(model: DiT, sequences: torch.Tensor, *, algo: str, batch_size
     was_training = model.training
     model.eval()
     objective = ARLoss(model) if algo == "ar" else DuoLoss(model)
+    total, count = mean_loss(lambda x0, t, noise: objective(x0, t, Phase("discrete"), noise), sequences,
+                             batch_size=batch_size, seed=seed, device=device, precision=precision,
+                             max_batches=max_batches, rank=rank, world_size=world_size)
+    model.train(was_training)
+    return {"val_nll": total / count, "val_ppl": perplexity(total / count), "val_tokens": count}
+
+
+def mean_loss(loss_fn, sequences: torch.Tensor, *, batch_size: int, seed: int, device: torch.device,
+              precision: str = "auto", max_batches: int | None = None, rank: int = 0,
+              world_size: int = 1) -> tuple[float, int]:
+    """(sum, count) of the per-token losses ``loss_fn(x0, t, noise_seed)`` over the batches of
+    ``sequences`` (N, L), all-reduced over ranks (rank r scores batches r, r + world_size, ...). Batch
+    ``b`` takes stratified times and a noise seed from ``(seed, b)``, so the result is deterministic."""
     n_batches = math.ceil(len(sequences) / batch_size)
     if max_batches:
         n_batches = min(n_batches, max_batches)
@@ -73,14 +86,12 @@ def validation_nll(model: DiT, sequences: torch.Tensor, *, algo: str, batch_size
         x0 = sequences[b * batch_size:(b + 1) * batch_size].to(device)
         t = antithetic_t(len(x0), torch.Generator().manual_seed(derive_seed(seed, "eval-t", b)))
         with autocast_context(device, precision):
-            loss = objective(x0, t, Phase("discrete"), derive_seed(seed, "eval-noise", b))
+            loss = loss_fn(x0, t, derive_seed(seed, "eval-noise", b))
         totals[0] += loss.double().sum()
         totals[1] += loss.numel()
     if world_size > 1:
         dist.all_reduce(totals)
-    model.train(was_training)
-    nll = float(totals[0] / totals[1])
-    return {"val_nll": nll, "val_ppl": perplexity(nll), "val_tokens": int(totals[1])}
+    return float(totals[0]), int(totals[1])
 
 
 def evaluate_checkpoint(path: str, cfg: EvalConfig) -> dict:

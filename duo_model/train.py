@@ -232,6 +232,27 @@ def check_resume(ckpt: dict, model_cfg: DiTConfig, data: Data, cfg: TrainConfig)
         raise CheckpointError(f"checkpoint {ckpt['path']} is an algo={saved_algo} run, this is algo={cfg.algo}")
 
 
+def micro_batches(cfg, env: Distributed) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps) of a global ``cfg.batch_size`` over ``env``'s ranks."""
+    micro = cfg.micro_batch_size or cfg.batch_size // env.world_size
+    if micro < 1 or cfg.batch_size % (micro * env.world_size):
+        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size ({micro}) times the "
+                          f"number of ranks ({env.world_size})")
+    return micro, cfg.batch_size // (micro * env.world_size)
+
+
+def resume_point(out_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint a run continues from: the latest one with ``--resume`` (an error if there is
+    none), None for a new run (an error if ``out_dir`` already holds one)."""
+    ckpt_path = latest(out_dir)
+    if resume and ckpt_path is None:
+        raise CheckpointError(f"--resume: no checkpoint in {str(out_dir)!r} (run without --resume to start one)")
+    if not resume and ckpt_path is not None:
+        raise CheckpointError(f"{str(out_dir)!r} already holds a run; pass --resume to continue it, or choose "
+                              "another out_dir")
+    return ckpt_path
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train as configured; returns the last metrics (``step``, ``loss``, ``val_ppl``, ...)."""
     if cfg.num_threads:
@@ -245,11 +266,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 def _train(cfg: TrainConfig, resume: bool, env: Distributed, device: torch.device) -> dict:
-    micro = cfg.micro_batch_size or cfg.batch_size // env.world_size
-    if micro < 1 or cfg.batch_size % (micro * env.world_size):
-        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size ({micro}) times the "
-                         f"number of ranks ({env.world_size})")
-    accum = cfg.batch_size // (micro * env.world_size)
+    micro, accum = micro_batches(cfg, env)
     out_dir = Path(cfg.out_dir)
 
     # Rank 0 trains the tokenizer and fills the cache; the others then read it.
@@ -269,21 +286,16 @@ def _train(cfg: TrainConfig, resume: bool, env: Distributed, device: torch.devic
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema)
-    step, tokens_seen = 0, 0
+    step = 0
 
-    ckpt_path = latest(out_dir) if resume else None
-    if resume and ckpt_path is None:
-        raise CheckpointError(f"--resume: no checkpoint in {str(out_dir)!r} (run without --resume to start one)")
-    if not resume and latest(out_dir) is not None:
-        raise CheckpointError(f"{str(out_dir)!r} already holds a run; pass --resume to continue it, or choose "
-                              "another out_dir")
+    ckpt_path = resume_point(out_dir, resume)
     if ckpt_path is not None:
         ckpt = read_checkpoint(ckpt_path)
         check_resume(ckpt, mcfg, data, cfg)
         model.load_state_dict(ckpt["model"])
         restore_optimizer(optimizer, ckpt["optimizer"], ckpt["state"]["optimizer_param_groups"])
         ema.load(ckpt["ema"], ckpt["state"]["ema_updates"])
-        step, tokens_seen = ckpt["state"]["step"], ckpt["state"]["tokens_seen"]
+        step = ckpt["state"]["step"]
         for group in optimizer.param_groups:  # the settings of this run win over the saved ones
             group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
@@ -305,7 +317,7 @@ def _train(cfg: TrainConfig, resume: bool, env: Distributed, device: torch.devic
 
     def save(at_step: int) -> None:
         if env.main:
-            state = {"step": at_step, "tokens_seen": tokens_seen, "ema_updates": ema.updates}
+            state = {"step": at_step, "tokens_seen": at_step * cfg.batch_size * cfg.seq_len, "ema_updates": ema.updates}
             path = save_checkpoint(out_dir, at_step, model=model, ema=ema.state_dict(), optimizer=optimizer,
                                    config=run_config, state=state, tokenizer=data.tokenizer.to_json(),
                                    keep=cfg.keep_checkpoints)
@@ -322,27 +334,49 @@ def _train(cfg: TrainConfig, resume: bool, env: Distributed, device: torch.devic
             log.write({"step": at_step, **result}, f"val ppl {result['val_ppl']:.3f}")
         return result
 
-    params = list(model.parameters())
-    tokens_per_step = cfg.batch_size * cfg.seq_len
+    def step_inputs(at_step: int):
+        phase = phase_at(cfg, at_step)
+        fields = {"phase": phase.kind, "tau": phase.tau if phase.kind != "discrete" else None}
+        return phase, fields, phase.kind
+
+    objective.train()
+    return optimize(cfg, env=env, device=device, sequences=data.train, objective=objective, optimizer=optimizer,
+                    ema=ema, step=step, micro=micro, accum=accum, log=log, step_inputs=step_inputs,
+                    run_eval=run_eval, save=save)
+
+
+def optimize(cfg, *, env: Distributed, device: torch.device, sequences: torch.Tensor, objective: torch.nn.Module,
+             optimizer: torch.optim.Optimizer, ema: EMA, step: int, micro: int, accum: int, log: MetricsLog | None,
+             step_inputs, run_eval, save) -> dict:
+    """The optimizer loop of ``duo train`` and ``duo distill`` (module docstring), from ``step`` to
+    ``cfg.max_steps``: batches, times and seeds of each step, gradient accumulation (DDP synchronises
+    on the last micro-batch), clipping, AdamW, EMA, metric lines every ``log_every`` steps, then
+    ``run_eval(step)`` and ``save(step)`` on their schedules and at the end.
+
+    ``objective(x0, t, extra, seed)`` returns per-token losses; ``step_inputs(step)`` gives ``extra``
+    (the phase, or DCD's dt), the fields it adds to the metric line and a label for the progress bar.
+    Returns the last metrics.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    tokens_per_step = cfg.batch_size * sequences.shape[1]
     last: dict = {"step": step}
     loss_sum = torch.zeros((), device=device)
     steps_since_log, timer = 0, time.perf_counter()
-    objective.train()
     while step < cfg.max_steps:
         lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        phase = phase_at(cfg, step)
-        indices = batch_indices(step, cfg.batch_size, len(data.train), cfg.seed)
+        extra, fields, label = step_inputs(step)
+        indices = batch_indices(step, cfg.batch_size, len(sequences), cfg.seed)
         times = step_times(step, cfg.batch_size, cfg.seed)
         for a in range(accum):
             start = (env.rank * accum + a) * micro
-            x0 = data.train[indices[start:start + micro]].to(device, non_blocking=True)
+            x0 = sequences[indices[start:start + micro]].to(device, non_blocking=True)
             torch.manual_seed(derive_seed(cfg.seed, "dropout", step, start))
             sync = contextlib.nullcontext() if (a == accum - 1 or not env.enabled) else objective.no_sync()
             with sync:
                 with autocast_context(device, cfg.precision):
-                    loss = objective(x0, times[start:start + micro], phase,
+                    loss = objective(x0, times[start:start + micro], extra,
                                      derive_seed(cfg.seed, "noise", step, start)).mean() / accum
                 loss.backward()
             loss_sum += loss.detach()
@@ -351,7 +385,6 @@ def _train(cfg: TrainConfig, resume: bool, env: Distributed, device: torch.devic
         optimizer.zero_grad(set_to_none=True)
         ema.update()
         step += 1
-        tokens_seen += tokens_per_step
         steps_since_log += 1
         if env.main:
             log.advance(1)
@@ -361,13 +394,12 @@ def _train(cfg: TrainConfig, resume: bool, env: Distributed, device: torch.devic
                 dist.all_reduce(loss_sum)
                 loss_sum /= env.world_size
             elapsed = time.perf_counter() - timer
-            record = {"step": step, "loss": float(loss_sum) / steps_since_log, "lr": lr, "phase": phase.kind,
-                      "tau": phase.tau if phase.kind != "discrete" else None,
+            record = {"step": step, "loss": float(loss_sum) / steps_since_log, "lr": lr, **fields,
                       "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "tokens_per_s": tokens_per_step * steps_since_log / elapsed, "tokens_seen": tokens_seen}
+                      "tokens_per_s": tokens_per_step * steps_since_log / elapsed,
+                      "tokens_seen": tokens_per_step * step}
             if env.main:
-                log.write(record, f"loss {record['loss']:.4f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s "
-                                  f"{phase.kind}")
+                log.write(record, f"loss {record['loss']:.4f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s {label}")
             last.update(record)
             loss_sum.zero_()
             steps_since_log, timer = 0, time.perf_counter()
