@@ -8,8 +8,8 @@
 // reduction + Taylor series on |r| <= ln2/2), cos/sin (Taylor series on [0, pi/4]) and Cephes' ndtri
 // tail are within ~1-2 ulp of libm, so order statistics and w_x agree with the reference's to a few
 // double ulp (ids exact, z_t exact up to ties) and the weights to float32 rounding. Lanes outside the
-// fast domains (expm1 beyond |x| = 1/16, ndtri outside its x < 8 tail branch, exp in the subnormal
-// range or of +inf / NaN) are recomputed with the scalar functions of duo/order_stats.h.
+// fast domains (expm1 beyond |x| = 1/16, ndtri outside its x < 8 tail branch, exp beyond 709 or of
+// NaN, the tail outside its usual branches) are recomputed with the scalar functions of duo/order_stats.h.
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -88,28 +88,27 @@ DUO_AVX2 vd expm1_small(vd x) {
   return fma(_mm256_mul_pd(x, x), q, x);
 }
 
-// exp(x) for x in [-708, 709] (normal results): n = round(x / ln2), r = x - n ln2 (Cody-Waite, n ln2_hi
-// exact), exp(r) by its Taylor series to r^13 / 13! (|r| <= ln2/2), times 2^n through the exponent
-// bits. Below -746 (and -inf) it returns 0, as exp does; the caller recomputes [-746, -708], above 709
-// and NaN with the scalar exp.
-DUO_AVX2 vd exp_normal(vd x) {
+// exp(x) for x in [-746, 709]: n = round(x / ln2), r = x - n ln2 (Cody-Waite, FMA), exp(r) by its
+// Taylor series to r^13 / 13! (|r| <= ln2/2), times 2^n through the exponent bits; below 2^-1020 as
+// (p 2^(n + 600)) 2^-600, one rounding into the subnormals. Below -746 (and -inf) it returns 0, as
+// exp does; the caller recomputes above 709 and NaN with the scalar exp.
+DUO_AVX2 vd exp_finite(vd x) {
   const vd shifter = set(6755399441055744.0);  // 1.5 2^52: adding it rounds to an integer in the low bits
   const vd t = fma(x, set(1.4426950408889634), shifter);
   const vd n = _mm256_sub_pd(t, shifter);
   const vd r = fma(n, set(-1.90821492927058770002e-10), fma(n, set(-6.93147180369123816490e-01), x));
   const vd p = poly(r, 1.0 / 6227020800, 1.0 / 479001600, 1.0 / 39916800, 1.0 / 3628800, 1.0 / 362880, 1.0 / 40320,
                     1.0 / 5040, 1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0);
-  const vi scale = _mm256_slli_epi64(_mm256_add_epi64(as_i(t), set_i(1023)), 52);
-  const vd y = _mm256_mul_pd(p, as_d(scale));
+  const vd tiny = _mm256_cmp_pd(n, set(-1020.0), _CMP_LT_OQ);
+  const vi bias = _mm256_castpd_si256(_mm256_blendv_pd(as_d(set_i(1023)), as_d(set_i(1023 + 600)), tiny));
+  const vd scale = as_d(_mm256_slli_epi64(_mm256_add_epi64(as_i(t), bias), 52));
+  const vd y = _mm256_mul_pd(_mm256_mul_pd(p, scale), _mm256_blendv_pd(set(1.0), set(0x1p-600), tiny));
   return _mm256_and_pd(y, _mm256_cmp_pd(x, set(-746.0), _CMP_GE_OQ));
 }
 
-// Lanes exp_normal leaves to the scalar exp (subnormal results, overflow, NaN).
+// Lanes exp_finite leaves to the scalar exp (overflow, NaN).
 DUO_AVX2 int exp_scalar_lanes(vd x) {
-  const vd fast = _mm256_or_pd(_mm256_and_pd(_mm256_cmp_pd(x, set(-708.0), _CMP_GE_OQ),
-                                             _mm256_cmp_pd(x, set(709.0), _CMP_LE_OQ)),
-                               _mm256_cmp_pd(x, set(-746.0), _CMP_LT_OQ));
-  return ~_mm256_movemask_pd(fast) & 0xF;
+  return ~_mm256_movemask_pd(_mm256_cmp_pd(x, set(709.0), _CMP_LE_OQ)) & 0xF;
 }
 
 // cos(x) and sin(x) for x in [0, pi/4]: Taylor series to x^16 / 16! and x^17 / 17!.
@@ -144,19 +143,33 @@ struct Words4 {
   vi w0, w1, w2, w3;
 };
 
-DUO_AVX2 Words4 philox(uint64_t seed, vi counter) {
-  vi c0 = counter, c1 = _mm256_srli_epi64(counter, 32), c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+// The 10 round keys (k0, k1) of a seed, broadcast.
+struct Keys {
+  vi k[10][2];
+};
+
+DUO_AVX2 Keys round_keys(uint64_t seed) {
+  Keys keys;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    keys.k[round][0] = set_i(k0);
+    keys.k[round][1] = set_i(k1);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return keys;
+}
+
+DUO_AVX2 Words4 philox(const Keys& keys, vi counter) {
+  vi c0 = counter, c1 = _mm256_srli_epi64(counter, 32), c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
   const vi m0 = set_i(0xD2511F53), m1 = set_i(0xCD9E8D57);
   for (int round = 0; round < 10; ++round) {
     const vi p0 = _mm256_mul_epu32(c0, m0);
     const vi p1 = _mm256_mul_epu32(c2, m1);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1), set_i(k0));
-    c2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3), set_i(k1));
+    c0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1), keys.k[round][0]);
+    c2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3), keys.k[round][1]);
     c1 = p1;
     c3 = p0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
   }
   const vi lo = set_i(0xFFFFFFFF);
   return Words4{_mm256_and_si256(c0, lo), _mm256_and_si256(c1, lo), _mm256_and_si256(c2, lo),
@@ -174,19 +187,23 @@ DUO_AVX2 vi randint_below(vi w_hi, vi w_lo, int64_t high) {
 }
 
 // Block 0 of tokens t..t+3: w_x = a~ + s~ n, n = sqrt(-2 log u1) cos(2 pi u2) (duo::topk_begin).
-DUO_AVX2 vd clean_coordinate(uint64_t seed, vi t, vd a_tilde, vd s_tilde) {
-  const Words4 w = philox(seed, t);
+DUO_AVX2 vd clean_coordinate(const Keys& keys, vi t, vd a_tilde, vd s_tilde) {
+  const Words4 w = philox(keys, t);
   const vd u1 = uniform53(w.w0, w.w1), u2 = uniform53(w.w2, w.w3);
   const vd n = _mm256_mul_pd(_mm256_sqrt_pd(_mm256_mul_pd(set(-2.0), log(u1))), cos_2pi(u2));
   return fma(s_tilde, n, a_tilde);
 }
 
 // -ndtri(-expm1(c)) (duo::normal_order_statistic) where -expm1(c) is in Cephes' tail branch
-// x = sqrt(-2 log y) < 8: x - log(x)/x - z P(z)/Q(z), z = 1/x. *scalar gets the lanes outside
-// (|c| > 1/16 or x >= 8), for the scalar function.
-DUO_AVX2 vd normal_order_statistic(vd c, int* scalar) {
+// x = sqrt(-2 log y) < 8: x - log(x)/x - z P(z)/Q(z), z = 1/x. In three steps (order_statistic_x,
+// then order_statistic_from_x) so that the caller can run each over all k statistics in turn.
+DUO_AVX2 vd order_statistic_x(vd c) {
   const vd y = _mm256_sub_pd(_mm256_setzero_pd(), expm1_small(c));
-  const vd x = _mm256_sqrt_pd(_mm256_mul_pd(set(-2.0), log(y)));
+  return _mm256_sqrt_pd(_mm256_mul_pd(set(-2.0), log(y)));
+}
+
+// *scalar gets the lanes outside the fast domain (|c| > 1/16 or x >= 8, NaN), for the scalar function.
+DUO_AVX2 vd order_statistic_from_x(vd c, vd x, int* scalar) {
   const vd z = _mm256_div_pd(set(1.0), x);
   const vd x0 = _mm256_sub_pd(x, _mm256_mul_pd(log(x), z));
   const vd p = poly(z, 4.05544892305962419923E0, 3.15251094599893866154E1, 5.71628192246421288162E1,
@@ -195,17 +212,16 @@ DUO_AVX2 vd normal_order_statistic(vd c, int* scalar) {
   const vd q = poly(z, 1.0, 1.57799883256466749731E1, 4.53907635128879210584E1, 4.13172038254672030440E1,
                     1.50425385692907503408E1, 2.50464946208309415979E0, -1.42182922854787788574E-1,
                     -3.80806407691578277194E-2, -9.33259480895457427372E-4);
-  const vd fast = _mm256_and_pd(_mm256_cmp_pd(c, set(-0.0625), _CMP_GE_OQ),
-                                _mm256_and_pd(_mm256_cmp_pd(x, set(8.0), _CMP_LT_OQ),
-                                              _mm256_cmp_pd(y, set(1e-300), _CMP_GT_OQ)));
+  const vd fast = _mm256_and_pd(_mm256_cmp_pd(c, set(-0.0625), _CMP_GE_OQ), _mm256_cmp_pd(x, set(8.0), _CMP_LT_OQ));
   *scalar = ~_mm256_movemask_pd(fast) & 0xF;
   return _mm256_sub_pd(x0, _mm256_div_pd(_mm256_mul_pd(z, p), q));
 }
 
+DUO_AVX2 vd normal_order_statistic(vd c, int* scalar) { return order_statistic_from_x(c, order_statistic_x(c), scalar); }
 
-// exp with the lanes exp_normal leaves out recomputed by the scalar exp.
+// exp with the lanes exp_finite leaves out recomputed by the scalar exp.
 DUO_AVX2 vd exp(vd x) {
-  vd y = exp_normal(x);
+  vd y = exp_finite(x);
   if (const int scalar = exp_scalar_lanes(x)) {
     alignas(32) double xs[4], ys[4];
     _mm256_store_pd(xs, x);
@@ -254,7 +270,7 @@ DUO_AVX2 vd log_truncated_mean_exp(vd c, vd s, double inv_tau, int* scalar) {
                                 log(_mm256_div_pd(erfcx_large(y), set(2.0))));
   const vd t = _mm256_mul_pd(a, set(0.70710678118654752440));
   const vd u = _mm256_sub_pd(_mm256_setzero_pd(),
-                             _mm256_mul_pd(_mm256_mul_pd(exp_normal(_mm256_mul_pd(_mm256_sub_pd(_mm256_setzero_pd(), t), t)),
+                             _mm256_mul_pd(_mm256_mul_pd(exp_finite(_mm256_mul_pd(_mm256_sub_pd(_mm256_setzero_pd(), t), t)),
                                                          erfcx_mid(t)),
                                            set(0.5)));
   const vd w = _mm256_add_pd(set(1.0), u);
@@ -283,12 +299,14 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
   int64_t* slot_ids = reinterpret_cast<int64_t*>(scratch + 16 * k);
   double* slot_terms = scratch + 20 * k;
   float* slot_weights = reinterpret_cast<float*>(scratch + 24 * k);
+  double* cum = scratch + 26 * k;
   PerTokenCursor gamma_at(gamma, begin, length);
   double last_gamma = NAN;
   GaussianStd std_dev{0.0, 0.0};
   alignas(32) double a_tilde[4], s_tilde[4], lane_c[4], lane_v[4];
   alignas(32) int64_t lane_x[4];
   const vd inv_tau = set(cfg.inv_tau);
+  const Keys keys = round_keys(cfg.seed);
   const bool compat = cfg.reference_compat;
   for (int64_t t0 = begin; t0 < end; t0 += 4) {
     const int lanes = end - t0 < 4 ? static_cast<int>(end - t0) : 4;
@@ -309,19 +327,29 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
     }
     const vi t = _mm256_add_epi64(set_i(t0), _mm256_set_epi64x(lanes > 3 ? 3 : 0, lanes > 2 ? 2 : 0, lanes > 1 ? 1 : 0, 0));
     const vd s = _mm256_load_pd(s_tilde);
-    const vd w_x = clean_coordinate(cfg.seed, t, _mm256_load_pd(a_tilde), s);
+    const vd w_x = clean_coordinate(keys, t, _mm256_load_pd(a_tilde), s);
 
-    // blocks 1..k: order statistics and swap targets
-    vd c = _mm256_setzero_pd();
+    // blocks 1..k: the swap targets and log(U_j) / (V - 1 - j), the running sums C_j, the order
+    // statistics. Each step is a loop of k independent iterations, short enough for the CPU to
+    // overlap several iterations' long log / sqrt / division chains.
     for (int j = 0; j < k; ++j) {
       const int64_t pool = cfg.vocab_size - 1 - j;
-      const Words4 w = philox(cfg.seed, _mm256_add_epi64(t, set_i((1 + j) * cfg.num_tokens)));
-      c = _mm256_add_pd(c, _mm256_div_pd(log(uniform53(w.w0, w.w1)), set(static_cast<double>(pool))));
+      const Words4 w = philox(keys, _mm256_add_epi64(t, set_i((1 + j) * cfg.num_tokens)));
+      _mm256_store_pd(o + 4 * j, uniform53(w.w0, w.w1));
       _mm256_store_si256(reinterpret_cast<vi*>(picks + 4 * j), _mm256_add_epi64(randint_below(w.w2, w.w3, pool), set_i(j)));
+    }
+    vd c = _mm256_setzero_pd();
+    for (int j = 0; j < k; ++j) {
+      c = _mm256_add_pd(c, _mm256_div_pd(log(_mm256_load_pd(o + 4 * j)), set(static_cast<double>(cfg.vocab_size - 1 - j))));
+      _mm256_store_pd(cum + 4 * j, c);
+    }
+    for (int j = 0; j < k; ++j) _mm256_store_pd(o + 4 * j, order_statistic_x(_mm256_load_pd(cum + 4 * j)));
+    for (int j = 0; j < k; ++j) {
+      const vd c_j = _mm256_load_pd(cum + 4 * j);
       int scalar;
-      vd o_j = _mm256_mul_pd(s, normal_order_statistic(c, &scalar));
+      vd o_j = _mm256_mul_pd(s, order_statistic_from_x(c_j, _mm256_load_pd(o + 4 * j), &scalar));
       if (scalar) {
-        _mm256_store_pd(lane_c, c);
+        _mm256_store_pd(lane_c, c_j);
         _mm256_store_pd(lane_v, o_j);
         for (int l = 0; l < 4; ++l) {
           if (scalar >> l & 1) lane_v[l] = s_tilde[l] * duo::normal_order_statistic(lane_c[l]);
@@ -439,7 +467,7 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
 }
 
 // Doubles of scratch tempered_softmax_topk_tokens needs at k.
-inline int64_t topk_scratch_doubles(int k) { return 26 * static_cast<int64_t>(k); }
+inline int64_t topk_scratch_doubles(int k) { return 30 * static_cast<int64_t>(k); }
 
 }  // namespace duo::cpu::avx2
 
