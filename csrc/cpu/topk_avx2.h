@@ -299,7 +299,7 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
   int64_t* slot_ids = reinterpret_cast<int64_t*>(scratch + 16 * k);
   double* slot_terms = scratch + 20 * k;
   float* slot_weights = reinterpret_cast<float*>(scratch + 24 * k);
-  double* cum = scratch + 26 * k;
+  double* cum = scratch + 28 * k;
   PerTokenCursor gamma_at(gamma, begin, length);
   double last_gamma = NAN;
   GaussianStd std_dev{0.0, 0.0};
@@ -467,7 +467,7 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
 }
 
 // Doubles of scratch tempered_softmax_topk_tokens needs at k.
-inline int64_t topk_scratch_doubles(int k) { return 30 * static_cast<int64_t>(k); }
+inline int64_t topk_scratch_doubles(int k) { return 32 * static_cast<int64_t>(k); }
 
 }  // namespace duo::cpu::avx2
 
