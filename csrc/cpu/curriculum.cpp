@@ -33,7 +33,8 @@ void tempered_softmax_topk(at::Tensor& ids, at::Tensor& weights, at::Tensor& z_t
   int64_t* out_z = z_t.data_ptr<int64_t>();
 #ifdef DUO_TOPK_AVX2
   const char* no_simd = std::getenv("DUO_KERNELS_NO_SIMD");
-  if (avx2::avx2_available() && !(no_simd && std::strcmp(no_simd, "1") == 0)) {
+  // (the vector randint_below multiplies 32-bit words: pools below 2^31, as the scalar one needs)
+  if (avx2::avx2_available() && !(no_simd && std::strcmp(no_simd, "1") == 0) && vocab_size <= (int64_t{1} << 31)) {
     // grains of ~50 us, whole groups of 4 tokens
     const int64_t grain = std::max<int64_t>(4, 1600 / k / 4 * 4);
     at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {

@@ -39,6 +39,9 @@ DUO_AVX2 vi set_i(int64_t x) { return _mm256_set1_epi64x(x); }
 DUO_AVX2 vd fma(vd a, vd b, vd c) { return _mm256_fmadd_pd(a, b, c); }
 DUO_AVX2 vd as_d(vi x) { return _mm256_castsi256_pd(x); }
 DUO_AVX2 vi as_i(vd x) { return _mm256_castpd_si256(x); }
+DUO_AVX2 vd neg(vd x) { return _mm256_xor_pd(x, set(-0.0)); }
+DUO_AVX2 vi load_i(const int64_t* p) { return _mm256_load_si256(reinterpret_cast<const vi*>(p)); }
+DUO_AVX2 void store_i(int64_t* p, vi x) { _mm256_store_si256(reinterpret_cast<vi*>(p), x); }
 
 // Horner's rule, highest-degree coefficient first (as duo::horner).
 DUO_AVX2 vd horner(vd, vd acc) { return acc; }
@@ -217,7 +220,9 @@ DUO_AVX2 vd order_statistic_from_x(vd c, vd x, int* scalar) {
   return _mm256_sub_pd(x0, _mm256_div_pd(_mm256_mul_pd(z, p), q));
 }
 
-DUO_AVX2 vd normal_order_statistic(vd c, int* scalar) { return order_statistic_from_x(c, order_statistic_x(c), scalar); }
+DUO_AVX2 vd normal_order_statistic(vd c, int* scalar) {
+  return order_statistic_from_x(c, order_statistic_x(c), scalar);
+}
 
 // exp with the lanes exp_finite leaves out recomputed by the scalar exp.
 DUO_AVX2 vd exp(vd x) {
@@ -259,7 +264,7 @@ DUO_AVX2 vd erfcx_mid(vd y) {
 }
 
 // duo::log_truncated_mean_exp(c, s, inv_tau) where a = c/s < b = s inv_tau, (b - a)/sqrt 2 > 4 and
-// t = a/sqrt 2 in (0.5, 4] (the usual case); *scalar gets the other lanes. log Phi(a) =
+// t = a/sqrt 2 in (0.5, 4] (the usual case; and y < 1e300); *scalar gets the other lanes. log Phi(a) =
 // log1p(-q), q = exp(-t^2) erfcx(t) / 2 (~1e-15 relative in q: ~1e-16 absolute in log1p(-q)),
 // log1p(u) = log(1 + u) + (u - ((1 + u) - 1)) / (1 + u).
 DUO_AVX2 vd log_truncated_mean_exp(vd c, vd s, double inv_tau, int* scalar) {
@@ -269,14 +274,14 @@ DUO_AVX2 vd log_truncated_mean_exp(vd c, vd s, double inv_tau, int* scalar) {
   const vd head = _mm256_add_pd(_mm256_mul_pd(a, _mm256_sub_pd(b, _mm256_div_pd(a, set(2.0)))),
                                 log(_mm256_div_pd(erfcx_large(y), set(2.0))));
   const vd t = _mm256_mul_pd(a, set(0.70710678118654752440));
-  const vd u = _mm256_sub_pd(_mm256_setzero_pd(),
-                             _mm256_mul_pd(_mm256_mul_pd(exp_finite(_mm256_mul_pd(_mm256_sub_pd(_mm256_setzero_pd(), t), t)),
-                                                         erfcx_mid(t)),
-                                           set(0.5)));
+  const vd q = _mm256_mul_pd(_mm256_mul_pd(exp_finite(_mm256_mul_pd(neg(t), t)), erfcx_mid(t)), set(0.5));
+  const vd u = neg(q);
   const vd w = _mm256_add_pd(set(1.0), u);
   const vd log_phi_a = _mm256_add_pd(log(w), _mm256_div_pd(_mm256_sub_pd(u, _mm256_sub_pd(w, set(1.0))), w));
-  const vd fast = _mm256_and_pd(_mm256_and_pd(_mm256_cmp_pd(y, set(4.0), _CMP_GT_OQ), _mm256_cmp_pd(t, set(0.5), _CMP_GT_OQ)),
-                                _mm256_cmp_pd(t, set(4.0), _CMP_LE_OQ));
+  // (y < 1e300: erfcx(y) / 2 stays a normal double, the domain of the vector log)
+  const vd y_fast = _mm256_and_pd(_mm256_cmp_pd(y, set(4.0), _CMP_GT_OQ), _mm256_cmp_pd(y, set(1e300), _CMP_LT_OQ));
+  const vd t_fast = _mm256_and_pd(_mm256_cmp_pd(t, set(0.5), _CMP_GT_OQ), _mm256_cmp_pd(t, set(4.0), _CMP_LE_OQ));
+  const vd fast = _mm256_and_pd(y_fast, t_fast);
   *scalar = ~_mm256_movemask_pd(fast) & 0xF;
   return _mm256_sub_pd(head, log_phi_a);
 }
@@ -325,7 +330,8 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
       s_tilde[l] = s_tilde[0];
       lane_x[l] = lane_x[0];
     }
-    const vi t = _mm256_add_epi64(set_i(t0), _mm256_set_epi64x(lanes > 3 ? 3 : 0, lanes > 2 ? 2 : 0, lanes > 1 ? 1 : 0, 0));
+    const vi t = _mm256_add_epi64(set_i(t0),
+                                  _mm256_set_epi64x(lanes > 3 ? 3 : 0, lanes > 2 ? 2 : 0, lanes > 1 ? 1 : 0, 0));
     const vd s = _mm256_load_pd(s_tilde);
     const vd w_x = clean_coordinate(keys, t, _mm256_load_pd(a_tilde), s);
 
@@ -336,11 +342,12 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
       const int64_t pool = cfg.vocab_size - 1 - j;
       const Words4 w = philox(keys, _mm256_add_epi64(t, set_i((1 + j) * cfg.num_tokens)));
       _mm256_store_pd(o + 4 * j, uniform53(w.w0, w.w1));
-      _mm256_store_si256(reinterpret_cast<vi*>(picks + 4 * j), _mm256_add_epi64(randint_below(w.w2, w.w3, pool), set_i(j)));
+      store_i(picks + 4 * j, _mm256_add_epi64(randint_below(w.w2, w.w3, pool), set_i(j)));
     }
     vd c = _mm256_setzero_pd();
     for (int j = 0; j < k; ++j) {
-      c = _mm256_add_pd(c, _mm256_div_pd(log(_mm256_load_pd(o + 4 * j)), set(static_cast<double>(cfg.vocab_size - 1 - j))));
+      const vd pool = set(static_cast<double>(cfg.vocab_size - 1 - j));
+      c = _mm256_add_pd(c, _mm256_div_pd(log(_mm256_load_pd(o + 4 * j)), pool));
       _mm256_store_pd(cum + 4 * j, c);
     }
     for (int j = 0; j < k; ++j) _mm256_store_pd(o + 4 * j, order_statistic_x(_mm256_load_pd(cum + 4 * j)));
@@ -360,22 +367,21 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
     }
 
     // ids of the noise slots (duo::topk_finish's Fisher-Yates lookups; later records win)
-    const vi x = _mm256_load_si256(reinterpret_cast<const vi*>(lane_x));
+    const vi x = load_i(lane_x);
     const vi x_minus_1 = _mm256_sub_epi64(x, set_i(1));
     for (int j = 0; j < k; ++j) {
-      const vi pick = _mm256_load_si256(reinterpret_cast<const vi*>(picks + 4 * j));
+      const vi pick = load_i(picks + 4 * j);
       const vi jv = set_i(j);
       vi value = pick, mover = jv;
       for (int m = 0; m < j; ++m) {
-        const vi pm = _mm256_load_si256(reinterpret_cast<const vi*>(picks + 4 * m));
-        const vi mm = _mm256_load_si256(reinterpret_cast<const vi*>(moved + 4 * m));
+        const vi pm = load_i(picks + 4 * m);
+        const vi mm = load_i(moved + 4 * m);
         value = _mm256_blendv_epi8(value, mm, _mm256_cmpeq_epi64(pm, pick));
         mover = _mm256_blendv_epi8(mover, mm, _mm256_cmpeq_epi64(pm, jv));
       }
-      _mm256_store_si256(reinterpret_cast<vi*>(moved + 4 * j), mover);
+      store_i(moved + 4 * j, mover);
       // value + (value >= x)
-      _mm256_store_si256(reinterpret_cast<vi*>(other_ids + 4 * j),
-                         _mm256_sub_epi64(value, _mm256_cmpgt_epi64(value, x_minus_1)));
+      store_i(other_ids + 4 * j, _mm256_sub_epi64(value, _mm256_cmpgt_epi64(value, x_minus_1)));
     }
 
     // slots: rank of w_x (k if not visible), the hidden drawn value, the truncation point
@@ -432,27 +438,28 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
       const vi sv = set_i(slot);
       const vd is_clean = as_d(_mm256_cmpeq_epi64(rank, sv));
       vd term = _mm256_load_pd(o + 4 * slot);
-      vi id = _mm256_load_si256(reinterpret_cast<const vi*>(other_ids + 4 * slot));
+      vi id = load_i(other_ids + 4 * slot);
       if (!compat && slot > 0) {
         const vi shifted = _mm256_cmpgt_epi64(sv, rank);
         term = _mm256_blendv_pd(term, _mm256_load_pd(o + 4 * (slot - 1)), as_d(shifted));
-        id = _mm256_blendv_epi8(id, _mm256_load_si256(reinterpret_cast<const vi*>(other_ids + 4 * (slot - 1))), shifted);
+        id = _mm256_blendv_epi8(id, load_i(other_ids + 4 * (slot - 1)), shifted);
       }
       term = _mm256_blendv_pd(term, clean_term, is_clean);
       _mm256_store_pd(slot_terms + 4 * slot, term);
-      _mm256_store_si256(reinterpret_cast<vi*>(slot_ids + 4 * slot), _mm256_blendv_epi8(id, x, as_i(is_clean)));
+      store_i(slot_ids + 4 * slot, _mm256_blendv_epi8(id, x, as_i(is_clean)));
       sum = _mm256_add_pd(sum, term);
     }
     sum = _mm256_add_pd(sum, exp(_mm256_sub_pd(hidden_scaled, m)));
     sum = _mm256_add_pd(sum, exp(_mm256_sub_pd(log_tail, m)));
     const vd inv_sum = _mm256_div_pd(set(1.0), sum);
     for (int slot = 0; slot < k; ++slot) {
-      _mm_store_ps(slot_weights + 4 * slot, _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_load_pd(slot_terms + 4 * slot), inv_sum)));
+      const vd weight = _mm256_mul_pd(_mm256_load_pd(slot_terms + 4 * slot), inv_sum);
+      _mm_store_ps(slot_weights + 4 * slot, _mm256_cvtpd_ps(weight));
     }
     // z_t: slot 0 (exact), x when visible else slot 0 (compat)
-    const vi first = _mm256_load_si256(reinterpret_cast<const vi*>(slot_ids));
+    const vi first = load_i(slot_ids);
     const vi z = compat ? _mm256_blendv_epi8(first, x, _mm256_cmpgt_epi64(set_i(k), rank)) : first;
-    _mm256_store_si256(reinterpret_cast<vi*>(lane_x), z);
+    store_i(lane_x, z);
     for (int l = 0; l < lanes; ++l) {
       const int64_t tl = t0 + l;
       int64_t* ids_t = out_ids + tl * k;
