@@ -1,15 +1,18 @@
 // AVX2 + FMA path of the CPU top-k relaxation (csrc/cpu/curriculum.cpp): 4 tokens at a time through
-// block 0 (Box-Muller), the k order statistics (Philox, log, expm1, ndtri) and the exps of the
-// normaliser, as 4-lane float64 vector code. CPU only: the CUDA kernel and the scalar CPU path use
-// duo/order_stats.h as is. No torch headers and no -march flag: every function here carries
-// target("avx2,fma") and the caller checks the CPU at run time (avx2_available()).
+// every phase of duo::tempered_softmax_topk_token (block 0's Box-Muller, the k order statistics, the
+// Fisher-Yates lookups, the slots, the tail and the exps of the normaliser) as 4-lane float64 vector
+// code. CPU only: the CUDA kernel and the scalar CPU path use duo/order_stats.h as is. No torch
+// headers and no -march flag: every function here carries target("avx2,fma") and the caller checks
+// the CPU at run time (avx2_available()).
 //
-// Accuracy. The vector log (fdlibm's algorithm), expm1 (Taylor series on |x| <= 1/16), exp (Cody-Waite
-// reduction + Taylor series on |r| <= ln2/2), cos/sin (Taylor series on [0, pi/4]) and Cephes' ndtri
-// tail are within ~1-2 ulp of libm, so order statistics and w_x agree with the reference's to a few
-// double ulp (ids exact, z_t exact up to ties) and the weights to float32 rounding. Lanes outside the
-// fast domains (expm1 beyond |x| = 1/16, ndtri outside its x < 8 tail branch, exp beyond 709 or of
-// NaN, the tail outside its usual branches) are recomputed with the scalar functions of duo/order_stats.h.
+// Accuracy. The vector log (fdlibm's algorithm), exp (Cody-Waite reduction + Taylor series on
+// |r| <= ln2/2), cos/sin (Taylor series on [0, pi/4]), Cephes' ndtri tail (with log(-expm1(c)) as
+// log(-c) plus a series in c) and Cody's erfcx are within ~1 ulp of libm each, so order statistics
+// and w_x agree with the reference's to a few double ulp (~6 at most, next to the edge of the fast
+// domain), ids exactly, z_t up to ties, and the float32 weights to rounding (bit-identical in every
+// check so far). Lanes outside the fast domains (|C_j| > 1/16 or ndtri beyond its x < 8 branch, exp
+// beyond 709 or of NaN, the tail outside its usual branches) are recomputed with the scalar
+// functions of duo/order_stats.h.
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -82,13 +85,6 @@ DUO_AVX2 vd log(vd v) {
   // e ln2_hi - ((hfsq - (s (hfsq + R) + e ln2_lo)) - f)
   const vd inner = fma(s, _mm256_add_pd(hfsq, r), _mm256_mul_pd(e, set(1.90821492927058770002e-10)));
   return fma(e, set(6.93147180369123816490e-01), _mm256_sub_pd(f, _mm256_sub_pd(hfsq, inner)));
-}
-
-// expm1(x) for |x| <= 1/16: x + x^2 (1/2 + x/6 + ... + x^8/10!), truncation below 2^-60 relative.
-DUO_AVX2 vd expm1_small(vd x) {
-  const vd q = poly(x, 1.0 / 39916800, 1.0 / 3628800, 1.0 / 362880, 1.0 / 40320, 1.0 / 5040, 1.0 / 720, 1.0 / 120,
-                    1.0 / 24, 1.0 / 6, 0.5);
-  return fma(_mm256_mul_pd(x, x), q, x);
 }
 
 // exp(x) for x in [-746, 709]: n = round(x / ln2), r = x - n ln2 (Cody-Waite, FMA), exp(r) by its
@@ -200,9 +196,14 @@ DUO_AVX2 vd clean_coordinate(const Keys& keys, vi t, vd a_tilde, vd s_tilde) {
 // -ndtri(-expm1(c)) (duo::normal_order_statistic) where -expm1(c) is in Cephes' tail branch
 // x = sqrt(-2 log y) < 8: x - log(x)/x - z P(z)/Q(z), z = 1/x. In three steps (order_statistic_x,
 // then order_statistic_from_x) so that the caller can run each over all k statistics in turn.
+// log y = log(-expm1(c)) = log(-c) + log(expm1(c) / c), the latter c/2 + log(sinh(c/2) / (c/2)) =
+// c/2 + c^2/24 - c^4/2880 + c^6/181440 - c^8/9676800 + O(c^10) (below 2^-60 for |c| <= 1/16): no
+// expm1 and y is never formed.
 DUO_AVX2 vd order_statistic_x(vd c) {
-  const vd y = _mm256_sub_pd(_mm256_setzero_pd(), expm1_small(c));
-  return _mm256_sqrt_pd(_mm256_mul_pd(set(-2.0), log(y)));
+  const vd c2 = _mm256_mul_pd(c, c);
+  const vd even = _mm256_mul_pd(c2, poly(c2, -1.0 / 9676800, 1.0 / 181440, -1.0 / 2880, 1.0 / 24));
+  const vd log_y = _mm256_add_pd(log(neg(c)), fma(c, set(0.5), even));
+  return _mm256_sqrt_pd(_mm256_mul_pd(set(-2.0), log_y));
 }
 
 // *scalar gets the lanes outside the fast domain (|c| > 1/16 or x >= 8, NaN), for the scalar function.
