@@ -117,6 +117,25 @@ def test_native_takes_any_k():
     assert_matches_reference(got, x0, -2.5, 1000, 129, 0.5, False, 3)
 
 
+@pytest.mark.parametrize("vocab_size, k, tau, compat", [(OWT_VOCAB, 8, 1e-3, False), (OWT_VOCAB, 8, 1e-4, True),
+                                                     (37, 5, 10.0, False), (1000, 16, 0.05, True), (2, 1, 1.0, False)])
+def test_native_simd_and_scalar_paths_agree(monkeypatch, vocab_size, k, tau, compat):
+    """The C++ kernel's 4-token vector path (AVX2 CPUs) and its scalar path (DUO_KERNELS_NO_SIMD=1):
+    token counts that are not a multiple of 4, 1 token, small vocabularies (lanes the vector code
+    hands to the scalar functions), both modes; each matches the reference."""
+    gamma = torch.tensor([[-3.55], [-2.0], [4.0]], dtype=torch.float64)
+    for shape in [(3, 7), (1, 1), (2, 2)]:
+        x0 = random_ids(shape, vocab_size, seed=shape[1])
+        g = gamma[: shape[0]]
+        monkeypatch.delenv("DUO_KERNELS_NO_SIMD", raising=False)
+        simd = topk("cpu", x0, g, vocab_size, k, tau, compat, seed=7)
+        monkeypatch.setenv("DUO_KERNELS_NO_SIMD", "1")
+        scalar = topk("cpu", x0, g, vocab_size, k, tau, compat, seed=7)
+        for got in (simd, scalar):
+            assert_matches_reference(got, x0, g, vocab_size, k, tau, compat, 7)
+        assert torch.equal(simd[0], scalar[0]) and torch.equal(simd[2], scalar[2])
+
+
 # ------------------------------------------------------------------------------------------------
 # laws, on every backend
 
