@@ -16,7 +16,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def values_checked(t: torch.Tensor) -> bool:
-    """Whether value checks (ranges, finiteness) may read ``t`` without a host synchronization."""
+    """Whether value checks (ranges, finiteness) may read ``t`` without a host synchronization, and
+    not while torch.compile traces the call (a value read is a data-dependent graph break)."""
+    if torch.compiler.is_compiling():
+        return False
     return t.device.type == "cpu" or os.environ.get("DUO_KERNELS_CHECK_VALUES") == "1"
 
 
