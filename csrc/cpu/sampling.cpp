@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -54,7 +55,24 @@ struct Threshold {
 };
 
 bool select_threshold(Entry* c, int64_t n, double& f_above, double top_p, bool last, Threshold& out) {
-  while (n > 0) {
+  for (int rounds = 0; n > 0; ++rounds) {
+    if (rounds == 96) {
+      // pivots that keep missing (an adversarial order): sort the rest and scan its distinct values
+      std::sort(c, c + n, [](const Entry& l, const Entry& r) { return l.x > r.x; });
+      for (int64_t i = 0; i < n;) {
+        int64_t j = i;
+        double mass = 0.0;
+        for (; j < n && c[j].x == c[i].x; ++j) mass += static_cast<double>(c[j].p);
+        if (f_above + mass <= top_p && (j < n || !last)) {
+          f_above += mass;
+          i = j;
+          continue;
+        }
+        out = Threshold{c[i].x, f_above, j - i};
+        return true;
+      }
+      return false;
+    }
     // median of three values as the pivot
     float a = c[0].x, b = c[n / 2].x, d = c[n - 1].x;
     const float q = std::max(std::min(a, b), std::min(std::max(a, b), d));
