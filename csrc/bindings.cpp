@@ -143,6 +143,29 @@ void tempered_softmax_topk(at::Tensor ids, at::Tensor weights, at::Tensor z_t, c
                                          vocab_size, static_cast<int>(k), inv_tau, reference_compat, seed, stream)));
 }
 
+// CPU only (the GPU runs the Triton kernel): see csrc/cpu/sampling.cpp; shapes checked in Python.
+int64_t sampling_ancestral_step(at::Tensor z_s, at::Tensor stats, const at::Tensor& logits, const at::Tensor& z_t,
+                                const at::Tensor& alpha_t, const at::Tensor& alpha_s, const at::Tensor& kappa,
+                                double top_p, uint64_t seed) {
+  TORCH_CHECK(!logits.is_cuda(), "duo_kernels native: sampling_ancestral_step runs on CPU tensors");
+  TORCH_CHECK(logits.dim() == 3 && z_t.is_contiguous() && z_t.scalar_type() == at::kLong &&
+                  z_t.numel() == logits.size(0) * logits.size(1),
+              "duo_kernels native: sampling_ancestral_step needs (B, L, V) logits and contiguous (B, L) int64 z_t");
+  check_tokens(z_t, {&alpha_t, &alpha_s, &kappa});
+  check_like(z_s, z_t, {at::kLong});
+  TORCH_CHECK(stats.numel() == 0 || (stats.is_contiguous() && stats.scalar_type() == at::kDouble &&
+                                     stats.numel() == 2 * z_t.numel()),
+              "duo_kernels native: stats must be empty or (B L, 2) float64");
+  return duo::cpu::sampling_ancestral_step(z_s, stats, logits, z_t, alpha_t, alpha_s, kappa, top_p, seed);
+}
+
+void sampling_exponential53(at::Tensor out, const at::Tensor& u) {
+  check_out(out, {at::kFloat});
+  TORCH_CHECK(!u.is_cuda() && u.is_contiguous() && u.scalar_type() == at::kDouble && u.numel() == out.numel(),
+              "duo_kernels native: sampling_exponential53 needs contiguous float64 CPU uniforms");
+  duo::cpu::sampling_exponential53(out, u);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -159,4 +182,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gaussian_argmax_pair", &gaussian_argmax_pair, "the DDT pair (z_t, z_s) of one shared noise (5.4)");
   m.def("usdm_forward", &usdm_forward, "uniform-state forward marginal into z_t (3.1)");
   m.def("tempered_softmax_topk", &tempered_softmax_topk, "Duo++ top-k relaxation into (ids, weights, z_t) (4.4)");
+  m.def("sampling_ancestral_step", &sampling_ancestral_step, "fused ancestral / Psi-sampler step into z_s (6.2)");
+  m.def("sampling_exponential53", &sampling_exponential53, "the sampling step's float32 -log U of float64 U");
 }

@@ -20,4 +20,14 @@ void tempered_softmax_topk(at::Tensor& ids, at::Tensor& weights, at::Tensor& z_t
                            const at::Tensor& gamma, int64_t vocab_size, int64_t k, double inv_tau,
                            bool reference_compat, uint64_t seed);
 
+// The fused sampling step (csrc/cpu/sampling.cpp): logits (B, L, V) float16 / bfloat16 / float32 /
+// float64, any strides; z_t (B, L) int64 contiguous; alpha_t, alpha_s, kappa (B, L) float64, any
+// strides; z_s (B, L) int64 contiguous; stats empty or (B L, 2) float64 (x_theta[z_t] after
+// filtering, kept mass). Returns 0, or a bit set: 1 a NaN / +inf logit, 2 a row without finite entry.
+int64_t sampling_ancestral_step(at::Tensor& z_s, at::Tensor& stats, const at::Tensor& logits, const at::Tensor& z_t,
+                                const at::Tensor& alpha_t, const at::Tensor& alpha_s, const at::Tensor& kappa,
+                                double top_p, uint64_t seed);
+// out[i] = exponential53(u[i]): float32 E = -log U of float64 uniforms, as the kernel's Gumbel uses it.
+void sampling_exponential53(at::Tensor& out, const at::Tensor& u);
+
 }  // namespace duo::cpu

@@ -6,9 +6,11 @@ Backends (``impl=``):
 ========== ============================================================================================
 ``triton`` one fused kernel (:mod:`duo_kernels.triton.sampling`): a few passes over each logits row,
            nothing of size (B, L, V); CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
-``cpu``    PyTorch, chunked over rows: O(rows_per_chunk · V) memory; the same counters and the same
-           float32 Gumbel as the kernel; the Gumbel uniforms come from :func:`duo_kernels.rng.uniform`
-           (its fastest CPU backend: the C++ kernels when they build, else the PyTorch Philox).
+``cpu``    ``ancestral_step``: the native C++ kernel ``csrc/cpu/sampling.cpp`` (row by row, O(V)
+           memory per thread; the kernel's counters, float32 row statistics and Gumbel, the nucleus
+           threshold by a quickselect); it needs the native build, and ``impl="auto"`` falls back to
+           the reference (with a warning) where that build fails. ``greedy_tail``: PyTorch, chunked
+           over rows, no build.
 ``reference`` :mod:`duo_kernels.reference.sampling`: float64, dense, sort-based nucleus.
 ========== ============================================================================================
 
@@ -16,30 +18,35 @@ All three draw from the same Philox stream (the reference's docstring gives the 
 seed they return the same ids except where two candidates' Gumbel keys agree to ~1e-5 or a nucleus
 boundary or mixture threshold sits within float32 rounding of a uniform (ties aside); see
 ``README-sampling.md`` beside this file.
+
+The ``triton`` and ``cpu`` backends run through ``torch.library`` custom ops
+(``duo_kernels::ancestral_step``, ``duo_kernels::greedy_tail``) with fake implementations, so
+``torch.compile(fullgraph=True)`` traces a step as one node (with ``seed=`` an int: ``generator=``
+draws the seed on the host). The backend is a ``str`` argument of the op, resolved from ``impl``
+before the call; ``reference`` is plain PyTorch and is traced as such. Value checks of the logits
+(NaN, +inf, rows without a finite entry) happen inside the native kernel on the ``cpu`` path, in
+the same pass that reads the row.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Optional
 
 import torch
+from torch import Tensor
 
-from duo_kernels import rng
-from duo_kernels._dispatch import dispatch, pure_torch
-from duo_kernels.reference import rng as _rng
+from duo_kernels._dispatch import pure_torch, resolve_backend
 from duo_kernels.reference import sampling as _reference
-from duo_kernels.rng import resolve_seed
+from duo_kernels.rng import resolve_seed, seed_from_int64, seed_to_int64
 
-# Rows per chunk of the cpu path: about 2^20 logits, 4 MiB per float32 temporary.
+# Rows per chunk of the cpu greedy tail: about 2^20 logits, 4 MiB per float32 temporary.
 CHUNK_ELEMENTS = 1 << 20
-# The cpu path draws the Gumbel uniforms of runs of x_theta rows in one call; runs closer than this
-# many logits apart are drawn together (the rows between are wasted draws, cheaper than a call).
-_MERGE_GAP = 4096
 
 
 def exponential53(u: torch.Tensor) -> torch.Tensor:
-    """``E = -log U`` in float32 from the float64 uniform ``U = uniform53(w0, w1)``: the Triton kernel's
-    :func:`duo_kernels.triton.sampling.exponential53`, operation for operation.
+    """``E = -log U`` in float32 from float64 uniforms ``U = uniform53(w0, w1)``, as the "cpu" kernel
+    computes it (``csrc/cpu/sampling.cpp``, the same operations as the Triton kernel's
+    :func:`duo_kernels.triton.sampling.exponential53`); needs the native build.
 
     ``U <= 3/4``: ``-log(fp32(U))``; ``U > 3/4``: ``2 atanh(s)``, ``s = d / (2 - d)``, ``d = fp32(1 - U)``
     (exact in float64), by its series. The relative error stays at a few float32 ulp for every U of the
@@ -52,12 +59,12 @@ def exponential53(u: torch.Tensor) -> torch.Tensor:
         >>> [round(float(-torch.log(e)), 3) for e in exponential53(u)]
         [0.367, 36.737]
     """
-    d = (1.0 - u).to(torch.float32)
-    s = d / (2.0 - d)
-    s2 = s * s
-    e_near_one = 2.0 * s * (1.0 + s2 * (0.33333334 + s2 * (0.2 + s2 * (0.14285715 + s2 * 0.11111111))))
-    e_other = -torch.log(u.to(torch.float32))
-    return torch.where(u > 0.75, e_near_one, e_other)
+    from duo_kernels import _native
+
+    u = u.to(torch.float64).contiguous()
+    out = torch.empty(u.shape, dtype=torch.float32)
+    _native.load().sampling_exponential53(out, u)
+    return out
 
 
 def _row_chunks(logits: torch.Tensor, rows_per_chunk: int):
@@ -77,97 +84,25 @@ def _row_chunks(logits: torch.Tensor, rows_per_chunk: int):
             yield b * seq_len + l0, logits[b, l0:l0 + rows_per_chunk]
 
 
-def _nucleus(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor, top_p: float):
-    """Nucleus filtering (duo-math §6.3) of rows x of logits, with row max m and sum s of exp(x - m)
-    (probabilities exp(x - m) / s, as in the kernel), without a full sort.
-
-    Returns per row: tau, the logit of the last kept entry in descending order; ``kept_ties``, how many
-    entries equal to tau are kept (the first ones by index); and the kept mass Z_p (float64). An entry
-    is kept when the mass before it (descending, float64 sums) is <= top_p.
-
-    Partial sorts: the top 64, then 8x more for the rows whose kept set is not complete, up to a full
-    sort. The order torch.topk gives equal logits does not matter: they have equal masses.
-    """
-    num, vocab_size = x.shape
-    tau = torch.empty(num, dtype=x.dtype)
-    kept_ties = torch.empty(num, dtype=torch.int64)
-    kept_mass = torch.empty(num, dtype=torch.float64)
-    todo = torch.arange(num)
-    k = min(vocab_size, 64)
-    while todo.numel():
-        values = torch.topk(x[todo], k, dim=-1).values
-        probs = (torch.exp(values - m[todo, None]) / s[todo, None]).double()
-        mass = torch.cumsum(probs, dim=-1)
-        kept = (mass - probs <= top_p).sum(dim=-1)
-        done = (kept < k) | (k == vocab_size)
-        if done.any():
-            values, kept, last = values[done], kept[done], (kept[done] - 1)[:, None]
-            rows = todo[done]
-            tau[rows] = values.gather(-1, last)[:, 0]
-            kept_ties[rows] = kept - (values[:, :int(kept.max())] > tau[rows, None]).sum(dim=-1)
-            kept_mass[rows] = mass[done].gather(-1, last)[:, 0]
-        todo = todo[~done]
-        k = min(vocab_size, 8 * k)
-    return tau, kept_ties, kept_mass
+# The native kernel's error bits (csrc/cpu/kernels.h) and the reference's messages for them.
+_LOGIT_ERRORS = {1: "logits must be finite or -inf", 2: "logits must have a finite entry in every row"}
 
 
-def _kept(x: torch.Tensor, tau: torch.Tensor, kept_ties: torch.Tensor) -> torch.Tensor:
-    """Nucleus mask of rows x: logits above tau, and the first ``kept_ties`` (index order) equal to it."""
-    tie = x == tau[:, None]
-    rank = torch.cumsum(tie, dim=-1) - tie.to(torch.int64)
-    return (x > tau[:, None]) | (tie & (rank < kept_ties[:, None]))
+def _cpu_ancestral_step(logits, z_t, alpha_t, alpha_s, kappa, top_p: float, seed: int,
+                        stats: torch.Tensor | None = None) -> torch.Tensor:
+    """The native kernel (``csrc/cpu/sampling.cpp``) on validated arguments; it also checks the
+    logits' values. ``stats``, if given, an (N, 2) float64 buffer that receives x_theta[z_t] after
+    filtering and the kept mass Z_p."""
+    from duo_kernels import _native
 
-
-def _merged_runs(rows: torch.Tensor, vocab_size: int) -> list[tuple[int, int]]:
-    """Sorted row indices as ``[start, stop)`` runs, merging runs less than _MERGE_GAP logits apart."""
-    if rows.numel() == 0:
-        return []
-    split = torch.nonzero(torch.diff(rows) >= max(1, _MERGE_GAP // vocab_size))[:, 0]
-    starts = torch.cat([rows[:1], rows[split + 1]]).tolist()
-    stops = torch.cat([rows[split] + 1, rows[-1:] + 1]).tolist()
-    return list(zip(starts, stops))
-
-
-@pure_torch
-def _cpu_ancestral_step(logits, z_t, alpha_t, alpha_s, kappa, top_p: float, seed: int) -> torch.Tensor:
-    """The kernel's algorithm in PyTorch, chunk by chunk: float32 row statistics, the nucleus
-    threshold by partial sorts, float64 mixture weights, the kernel's float32 Gumbel."""
-    num = z_t.numel()
-    vocab_size = logits.shape[-1]
-    z = z_t.reshape(-1)
-    alpha_t, alpha_s, kappa = (t.reshape(-1) for t in (alpha_t, alpha_s, kappa))
-    z_s = torch.empty(num, dtype=torch.int64)
-    for r0, rows in _row_chunks(logits, max(1, CHUNK_ELEMENTS // vocab_size)):
-        r1 = r0 + rows.shape[0]
-        x = rows.to(torch.float32)
-        z_c = z[r0:r1]
-        m = x.amax(dim=-1)
-        s = torch.exp(x - m[:, None]).sum(dim=-1)
-        l_z = x.gather(-1, z_c[:, None])[:, 0]
-        if top_p < 1.0:
-            tau, kept_ties, kept_mass = _nucleus(x, m, s, top_p)
-            kept_z = l_z > tau
-            # z_t tied with tau: kept if fewer than kept_ties equal entries come before it
-            tied = torch.nonzero(l_z == tau)[:, 0]
-            rank_z = ((x[tied] == tau[tied, None]) & (torch.arange(vocab_size) < z_c[tied, None])).sum(dim=-1)
-            kept_z[tied] = rank_z < kept_ties[tied]
-            x_z = torch.where(kept_z, (torch.exp(l_z - m) / s).double() / kept_mass, 0.0)
-        else:
-            x_z = torch.exp(l_z.double() - m.double() - torch.log(s.double()))
-        c_p, c_u, _ = _reference._psi_mixture(x_z, alpha_t[r0:r1], alpha_s[r0:r1], kappa[r0:r1], vocab_size)
-        w0, w1, w2, _ = _rng.philox4x32(seed, num * vocab_size + torch.arange(r0, r1))
-        u = _rng.uniform53(w0, w1)
-        out = torch.where(u < c_p + c_u, _rng.randint32_below(w2, vocab_size), z_c)
-        model_rows = torch.nonzero(u < c_p)[:, 0]
-        for a, b in _merged_runs(model_rows, vocab_size):
-            uniforms = rng.uniform(((b - a) * vocab_size,), seed=seed, offset=(r0 + a) * vocab_size,
-                                   dtype=torch.float64).view(b - a, vocab_size)
-            key = x[a:b] - torch.log(exponential53(uniforms))
-            if top_p < 1.0:
-                key = key.masked_fill(~_kept(x[a:b], tau[a:b], kept_ties[a:b]), -math.inf)
-            out[a:b] = torch.where(u[a:b] < c_p[a:b], key.argmax(dim=-1), out[a:b])
-        z_s[r0:r1] = out
-    return z_s.view_as(z_t)
+    z_s = torch.empty(z_t.shape, dtype=torch.int64)
+    errors = _native.load().sampling_ancestral_step(
+        z_s, torch.empty(0, dtype=torch.float64) if stats is None else stats, logits, z_t.contiguous(),
+        alpha_t, alpha_s, kappa, top_p, seed)
+    for bit, message in _LOGIT_ERRORS.items():
+        if errors & bit:
+            raise ValueError(message)
+    return z_s
 
 
 def _triton_ancestral_step(*args):
@@ -181,6 +116,22 @@ def _reference_ancestral_step(logits, z_t, alpha_t, alpha_s, kappa, top_p, seed)
 
 
 _STEP_KERNELS = {"triton": _triton_ancestral_step, "cpu": _cpu_ancestral_step, "reference": _reference_ancestral_step}
+
+
+# ---- torch.library ops --------------------------------------------------------------------------------
+# The seed travels as the int64 of its bits (duo_kernels.rng.seed_to_int64).
+
+
+@torch.library.custom_op("duo_kernels::ancestral_step", mutates_args=())
+def _ancestral_step_op(logits: Tensor, z_t: Tensor, alpha_t: Tensor, alpha_s: Tensor, kappa: Tensor, top_p: float,
+                       seed: int, backend: str) -> Tensor:
+    """z_s (B, L) int64 from validated arguments (``alpha_t, alpha_s, kappa`` (B, L) float64)."""
+    return _STEP_KERNELS[backend](logits, z_t, alpha_t, alpha_s, kappa, top_p, seed_from_int64(seed))
+
+
+@_ancestral_step_op.register_fake
+def _(logits, z_t, alpha_t, alpha_s, kappa, top_p, seed, backend):
+    return torch.empty(z_t.shape, dtype=torch.int64, device=z_t.device)
 
 
 def ancestral_step(logits: torch.Tensor, z_t: torch.Tensor, alpha_t, alpha_s, *, kappa=1.0, top_p: float = 1.0,
@@ -218,10 +169,15 @@ def ancestral_step(logits: torch.Tensor, z_t: torch.Tensor, alpha_t, alpha_s, *,
         >>> torch.equal(z_s, ancestral_step(logits, z_t, 0.3, 0.6, kappa=0.5, top_p=0.9, seed=0, impl="reference"))
         True
     """
-    _, alpha_t, alpha_s, kappa, top_p = _reference._step_args(logits, z_t, alpha_t, alpha_s, kappa, top_p)
-    _, fn = dispatch("sampling.ancestral_step", impl, logits.device, _STEP_KERNELS)
+    _reference._check_rows("logits", logits)
+    backend = resolve_backend("sampling.ancestral_step", impl, str(logits.device), _STEP_KERNELS)
+    # the cpu kernel checks the logits' values in the pass that reads them (no (B, L, V) temporaries)
+    _, alpha_t, alpha_s, kappa, top_p = _reference._step_args(logits, z_t, alpha_t, alpha_s, kappa, top_p,
+                                                              check_logit_values=backend != "cpu")
     seed = resolve_seed(seed, generator)
-    return fn(logits, z_t, alpha_t, alpha_s, kappa, top_p, seed)
+    if backend == "reference":
+        return _reference_ancestral_step(logits, z_t, alpha_t, alpha_s, kappa, top_p, seed)
+    return _ancestral_step_op(logits, z_t, alpha_t, alpha_s, kappa, top_p, seed_to_int64(seed), backend)
 
 
 @pure_torch
@@ -258,6 +214,22 @@ def _reference_greedy_tail(logits, z_t, return_probs):
 _GREEDY_KERNELS = {"triton": _triton_greedy_tail, "cpu": _cpu_greedy_tail, "reference": _reference_greedy_tail}
 
 
+@torch.library.custom_op("duo_kernels::greedy_tail", mutates_args=())
+def _greedy_tail_op(logits: Tensor, z_t: Optional[Tensor], return_probs: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """ids (B, L) int64 and probs (B, L) float32, or an empty probs tensor without ``return_probs``."""
+    out = _GREEDY_KERNELS[backend](logits, z_t, return_probs)
+    if return_probs:
+        return out
+    return out, torch.empty(0, dtype=torch.float32, device=logits.device)
+
+
+@_greedy_tail_op.register_fake
+def _(logits, z_t, return_probs, backend):
+    shape = logits.shape[:2] if return_probs else (0,)
+    return (torch.empty(logits.shape[:2], dtype=torch.int64, device=logits.device),
+            torch.empty(shape, dtype=torch.float32, device=logits.device))
+
+
 def greedy_tail(logits: torch.Tensor, z_t: torch.Tensor | None = None, *, return_probs: bool = False,
                 impl: str = "auto"):
     """The Greedy-Tail noise removal (duo-math §6.1): ``argmax`` over V, the first index on ties
@@ -280,5 +252,8 @@ def greedy_tail(logits: torch.Tensor, z_t: torch.Tensor | None = None, *, return
         [[1, 0]]
     """
     _reference._greedy_args(logits, z_t, return_probs)
-    _, fn = dispatch("sampling.greedy_tail", impl, logits.device, _GREEDY_KERNELS)
-    return fn(logits, z_t, return_probs)
+    backend = resolve_backend("sampling.greedy_tail", impl, str(logits.device), _GREEDY_KERNELS)
+    if backend == "reference":
+        return _reference_greedy_tail(logits, z_t, return_probs)
+    ids, probs = _greedy_tail_op(logits, z_t if return_probs else None, return_probs, backend)
+    return (ids, probs) if return_probs else ids

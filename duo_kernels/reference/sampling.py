@@ -162,15 +162,16 @@ def _nucleus(x_theta: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def _check_logits(logits, z_t) -> int:
-    """(B, L, V) logits, finite or -inf with a finite entry per row, and (B, L) ids ``z_t`` (or None); returns V."""
+def _check_logits(logits, z_t, check_values: bool = True) -> int:
+    """(B, L, V) logits, finite or -inf with a finite entry per row, and (B, L) ids ``z_t`` (or None); returns V.
+    ``check_values=False`` leaves the logits' values to the caller (a kernel that reads them anyway)."""
     vocab_size = _check_rows("logits", logits, ndim=3)
     if z_t is not None:
         _validate.check_ids("z_t", z_t, vocab_size, ndim=2)
         if z_t.shape != logits.shape[:2]:
             raise ValueError(f"z_t must have shape {tuple(logits.shape[:2])}, got {tuple(z_t.shape)}")
         _validate.check_same_device(logits=logits, z_t=z_t)
-    if _validate.values_checked(logits) and logits.numel():
+    if check_values and _validate.values_checked(logits) and logits.numel():
         if bool(torch.isnan(logits).any() | (logits == math.inf).any()):
             raise ValueError("logits must be finite or -inf")
         if bool((logits == -math.inf).all(dim=-1).any()):
@@ -178,10 +179,10 @@ def _check_logits(logits, z_t) -> int:
     return vocab_size
 
 
-def _step_args(logits, z_t, alpha_t, alpha_s, kappa, top_p):
+def _step_args(logits, z_t, alpha_t, alpha_s, kappa, top_p, check_logit_values: bool = True):
     """The validated arguments of :func:`ancestral_step` (shared with the fast ops): V, then
     ``alpha_t, alpha_s, kappa`` broadcast to (B, L) float64, and ``top_p`` as a float."""
-    vocab_size = _check_logits(logits, z_t)
+    vocab_size = _check_logits(logits, z_t, check_logit_values)
     alpha_t, alpha_s = _signal_levels(alpha_t, alpha_s, z_t.shape, z_t.device)
     kappa = _validate.per_token("kappa", kappa, tuple(z_t.shape), device=z_t.device)
     _validate.check_range("kappa", kappa, 0.0, 1.0, lo_open=False, hi_open=False)

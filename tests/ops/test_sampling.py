@@ -2,7 +2,8 @@
 seed, frequencies against the dense Psi-posterior, the nucleus tie rule, the Gumbel tail (precision),
 sample entropy, greedy tail, validation.
 
-Budget: the whole file runs in about 90 s on the shared 2-core CPU. The Triton kernel runs in the
+Budget: the whole file runs in about 2.5 min on the shared 2-core CPU (1 min of it the three
+10^6-draw frequency tests at V = 1000). The Triton kernel runs in the
 interpreter (milliseconds of Python per program and per call of a jit helper), so its tests use a few
 hundred rows; the million-draw tests run on the "cpu" path, which uses the kernel's stream, float32
 row statistics and Gumbel conversion (checked equal to the kernel's below).
@@ -92,6 +93,64 @@ def test_auto_picks_the_cpu_path_on_cpu():
                        expected)
 
 
+def exponential53_torch(u):
+    """The kernels' E = -log U (``duo_kernels.triton.sampling.exponential53``) in PyTorch."""
+    d = (1.0 - u).to(torch.float32)
+    s = d / (2.0 - d)
+    s2 = s * s
+    e_near_one = 2.0 * s * (1.0 + s2 * (0.33333334 + s2 * (0.2 + s2 * (0.14285715 + s2 * 0.11111111))))
+    return torch.where(u > 0.75, e_near_one, -torch.log(u.to(torch.float32)))
+
+
+def float32_twin_step(logits, z_t, alpha_t, alpha_s, kappa, top_p, seed):
+    """The kernels' algorithm written densely in PyTorch (the semantics of the former chunked "cpu"
+    path): float32 row statistics, probabilities exp(x - max) / sum; the nucleus by a stable
+    descending sort with float64 cumulative masses (an entry is kept while the mass before it is
+    <= top_p); the reference's float64 mixture weights; the float32 Gumbel of exponential53 on
+    counters t V + v. For a few hundred rows."""
+    num, vocab_size = z_t.numel(), logits.shape[-1]
+    x = logits.reshape(num, vocab_size).float()
+    z = z_t.reshape(num)
+    m = x.amax(dim=-1)
+    s = torch.exp(x - m[:, None]).sum(dim=-1)
+    l_z = x.gather(-1, z[:, None])[:, 0]
+    if top_p < 1.0:
+        probs = torch.exp(x - m[:, None]) / s[:, None]
+        order = x.argsort(dim=-1, descending=True, stable=True)
+        sorted_p = probs.gather(-1, order).double()
+        mass = sorted_p.cumsum(dim=-1)
+        kept_sorted = mass - sorted_p <= top_p
+        kept = torch.zeros_like(kept_sorted).scatter(-1, order, kept_sorted)
+        kept_mass = mass.gather(-1, (kept_sorted.sum(dim=-1) - 1)[:, None])[:, 0]
+        x_z = torch.where(kept.gather(-1, z[:, None])[:, 0], (torch.exp(l_z - m) / s).double() / kept_mass, 0.0)
+    else:
+        kept = torch.ones_like(x, dtype=torch.bool)
+        x_z = torch.exp(l_z.double() - m.double() - torch.log(s.double()))
+    c_p, c_u, _ = reference._psi_mixture(x_z, *(t.reshape(num) for t in (alpha_t, alpha_s, kappa)), vocab_size)
+    w0, w1, w2, _ = ref_rng.philox4x32(seed, num * vocab_size + torch.arange(num))
+    u = ref_rng.uniform53(w0, w1)
+    out = torch.where(u < c_p + c_u, ref_rng.randint32_below(w2, vocab_size), z)
+    gumbel_u = rng.uniform((num, vocab_size), seed=seed, dtype=F64, impl="reference")
+    key = torch.where(kept, x - torch.log(exponential53_torch(gumbel_u)), -math.inf)
+    return torch.where(u < c_p, key.argmax(dim=-1), out).view_as(z_t)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.5, 0.2])
+@pytest.mark.parametrize("vocab_size, dtype", [(37, torch.float32), (300, torch.bfloat16), (64, torch.float64)])
+def test_cpu_kernel_matches_float32_twin(vocab_size, dtype, top_p):
+    """The native cpu kernel against the dense float32 twin of its algorithm on 240-400 rows: -inf
+    entries, blocks of equal logits (bf16 ties, also at the nucleus threshold), per-token alpha_t,
+    alpha_s (a quarter at 1) and kappa: the same ids."""
+    logits, z_t, alpha_t, alpha_s, _ = step_inputs(4, 100 if vocab_size < 300 else 60, vocab_size, seed=vocab_size,
+                                                   dtype=dtype)
+    kappa = torch.rand(z_t.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    kappa[:, ::5] = 1.0
+    kappa[:, 1::5] = 0.0
+    expected = float32_twin_step(logits, z_t, alpha_t, alpha_s, kappa, top_p, seed=21)
+    z_s = duo_kernels.ancestral_step(logits, z_t, alpha_t, alpha_s, kappa=kappa, top_p=top_p, seed=21, impl="cpu")
+    assert torch.equal(z_s, expected)
+
+
 # ------------------------------------------------------------------------------------------------
 # nucleus: the threshold search and the tie rule
 
@@ -138,18 +197,17 @@ def test_triton_nucleus_threshold_search(case):
 
 @pytest.mark.parametrize("case", range(5))
 def test_cpu_nucleus(case):
-    """The cpu path's partial-sort nucleus: the reference's threshold, tie count and kept mass."""
+    """The cpu kernel's quickselect nucleus: the reference's x_theta[z_t] after filtering and kept
+    mass Z_p (float32 rounding), with the sort's tie rule."""
     logits, z_t, top_p = nucleus_cases()[case]
-    x = logits.view(-1, logits.shape[-1])
-    m = x.amax(dim=-1)
-    tau, kept_ties, kept_mass = ops_sampling._nucleus(x, m, torch.exp(x - m[:, None]).sum(dim=-1), top_p)
-    filtered = reference._nucleus(torch.softmax(x.double(), dim=-1), top_p)
-    kept = filtered > 0
-    assert torch.equal(tau, torch.where(kept, x, math.inf).amin(dim=-1))
-    assert torch.equal(kept_ties, (kept & (x == tau[:, None])).sum(dim=-1))
-    assert torch.equal(ops_sampling._kept(x, tau, kept_ties), kept)
-    torch.testing.assert_close(kept_mass, torch.where(kept, torch.softmax(x.double(), -1), 0.0).sum(-1),
-                               rtol=1e-6, atol=0)
+    expected_x_z, expected_mass = reference_nucleus_stats(logits, z_t, top_p)
+    stats = torch.empty(z_t.numel(), 2, dtype=F64)
+    ones = torch.ones(z_t.shape, dtype=F64)
+    ops_sampling._cpu_ancestral_step(logits, z_t, 0.5 * ones, ones, ones, top_p, 0, stats)
+    torch.testing.assert_close(stats[:, 0].view_as(z_t), expected_x_z, rtol=2e-6, atol=1e-12)
+    torch.testing.assert_close(stats[:, 1].view_as(z_t), expected_mass, rtol=2e-6, atol=0)
+    if case == 0:
+        assert (stats[:, 0] > 0).tolist() == [True, False, True, False]
 
 
 def test_tie_rule_draws():
@@ -170,11 +228,9 @@ def test_tie_rule_draws():
 # ------------------------------------------------------------------------------------------------
 # frequencies against the dense Psi-posterior (6.2)
 
-# Draws per STEP_CONFIGS row: 4 x 250k = 10^6 per test for V = 2 and 37. V = 1000 gets 4 x 10^4 per
-# test: a million rows of 1000 logits (10^9 logits read, partial sorts, ~5e8 Philox draws) take
-# ~100 s a test on the shared 2-core machine, over this file's budget; the nucleus and Gumbel code is
-# the same at every V, and 10^4 draws per config still give a chi-square test ~10 draws per cell.
-FREQUENCY_ROWS = {2: 250_000, 37: 250_000, 1000: 10_000}
+# Draws per STEP_CONFIGS row: 4 x 250k = 10^6 per test, for every V (the native cpu kernel: a few
+# seconds per test at V = 1000, where half the rows run the Gumbel-max over ~10^3 entries).
+FREQUENCY_ROWS = {2: 250_000, 37: 250_000, 1000: 250_000}
 
 
 def check_frequencies(impl, vocab_size, top_p, rows, seed):
@@ -227,7 +283,7 @@ def gumbel_words():
 
 
 def test_exponential53_is_float64_accurate_over_the_whole_grid():
-    """The kernel's E = -log U (Triton, and its PyTorch twin used by the cpu path) has relative error
+    """The kernel's E = -log U (Triton, and the C++ one of the cpu kernel) has relative error
     < 4e-7 (7 float32 ulp) against float64 everywhere, including the top of the 2^52-point grid where
     every draw of a token 1e-8 below the top one happens (Gumbel > 18.4 needs 1 - U < 1e-8); so the
     Gumbel -log E is within 4e-7 of float64's up to its largest value, 36.74. A float32 Gumbel of a 24-bit uniform,
@@ -239,15 +295,15 @@ def test_exponential53_is_float64_accurate_over_the_whole_grid():
     w0, w1 = gumbel_words()
     u = ref_rng.uniform53(w0, w1)
     e64 = -torch.log1p(-(1.0 - u))  # 1 - U is exact in float64
-    e_torch = ops_sampling.exponential53(u)
+    e_cpu = ops_sampling.exponential53(u)
     device = device_for("triton")
     e_triton = torch.empty(u.shape, dtype=torch.float32, device=device)
     exponential53_kernel[(triton.cdiv(u.numel(), 4096),)](w0.to(device), w1.to(device), e_triton, u.numel(), BLOCK=4096)
-    for e in (e_torch, e_triton.cpu()):
+    for e in (e_cpu, e_triton.cpu()):
         assert float(((e.double() - e64) / e64).abs().max()) < 4e-7
         assert float((torch.log(e.double()) - torch.log(e64)).abs().max()) < 4e-7
     # the two twins agree to an ulp or two (float32 log differs by an ulp between libraries)
-    assert float(((e_triton.cpu().double() - e_torch.double()) / e64).abs().max()) < 2.5e-7
+    assert float(((e_triton.cpu().double() - e_cpu.double()) / e64).abs().max()) < 2.5e-7
     assert float((-torch.log(e64)).max()) == pytest.approx(36.7368, abs=1e-4)
     u24_max = torch.tensor(1 - 2.0**-24, dtype=torch.float32)  # uniform24 of w0 = 2^32 - 1
     assert float(-torch.log(-torch.log(u24_max))) == pytest.approx(16.6355, abs=1e-3)
@@ -395,6 +451,10 @@ BAD_CALLS = [
     ("top_p", lambda impl: duo_kernels.ancestral_step(LOGITS, Z, 0.3, 0.4, top_p=1.1, seed=0, impl=impl)),
     ("logits", lambda impl: duo_kernels.ancestral_step(LOGITS[0], Z, 0.3, 0.4, seed=0, impl=impl)),
     ("logits", lambda impl: duo_kernels.ancestral_step(LOGITS + math.nan, Z, 0.3, 0.4, seed=0, impl=impl)),
+    ("logits", lambda impl: duo_kernels.ancestral_step(LOGITS.index_fill(2, torch.tensor([3]), math.inf), Z, 0.3,
+                                                       0.4, seed=0, impl=impl)),
+    ("logits", lambda impl: duo_kernels.ancestral_step(LOGITS.index_fill(1, torch.tensor([1]), -math.inf), Z, 0.3,
+                                                       0.4, top_p=0.9, seed=0, impl=impl)),
     ("z_t", lambda impl: duo_kernels.ancestral_step(LOGITS, Z[:, :2], 0.3, 0.4, seed=0, impl=impl)),
     ("z_t", lambda impl: duo_kernels.ancestral_step(LOGITS, Z + 5, 0.3, 0.4, seed=0, impl=impl)),
     ("logits", lambda impl: duo_kernels.greedy_tail(LOGITS[0], impl=impl)),
@@ -415,3 +475,36 @@ def test_sampler_loop_helpers_are_exported():
     assert duo_kernels.psi_kappas is reference.psi_kappas
     ts = duo_kernels.sampling_timesteps("linear", 8)
     assert duo_kernels.psi_kappas("max-rescale-0.05", ts).shape == (9,)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library: torch.compile and opcheck
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_torch_compile_fullgraph(top_p):
+    """ancestral_step and greedy_tail trace as single ops: compiled (fullgraph, aot_eager) they give
+    the eager ids for the same seed, also for a seed >= 2^63."""
+    logits, z_t, alpha_t, alpha_s, kappa = step_inputs(2, 6, 37, seed=5)
+
+    def step(logits, z_t, alpha_t, kappa):
+        z_s = duo_kernels.ancestral_step(logits, z_t, alpha_t, 1.0, kappa=kappa, top_p=top_p, seed=2**64 - 3,
+                                         impl="cpu")
+        ids, probs = duo_kernels.greedy_tail(logits, z_s, return_probs=True, impl="cpu")
+        return z_s, ids, probs, duo_kernels.greedy_tail(logits, impl="cpu")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(logits, z_t, alpha_t, kappa), step(logits, z_t, alpha_t, kappa)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_opcheck(impl):
+    device = device_for(impl)
+    logits, z_t, alpha_t, alpha_s, kappa = (t.to(device) for t in step_inputs(2, 4, 11, seed=6))
+    kappa = kappa.expand(z_t.shape)
+    for top_p, seed in ((1.0, 3), (0.8, rng.seed_to_int64(2**63 + 5))):
+        torch.library.opcheck(torch.ops.duo_kernels.ancestral_step.default,
+                              (logits, z_t, alpha_t, alpha_s, kappa, top_p, seed, impl))
+    for z, return_probs in ((z_t, True), (None, False)):
+        torch.library.opcheck(torch.ops.duo_kernels.greedy_tail.default, (logits, z, return_probs, impl))
