@@ -335,6 +335,8 @@ def _train(cfg: TrainConfig, resume: bool, env: Distributed, device: torch.devic
         return result
 
     def step_inputs(at_step: int):
+        if cfg.algo == "ar":
+            return None, {}, "ar"
         phase = phase_at(cfg, at_step)
         fields = {"phase": phase.kind, "tau": phase.tau if phase.kind != "discrete" else None}
         return phase, fields, phase.kind
