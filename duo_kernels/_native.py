@@ -11,7 +11,9 @@ Environment:
 
 - ``DUO_KERNELS_CACHE``: the cache folder (default ``~/.cache/duo_kernels``);
 - ``DUO_KERNELS_VERBOSE_BUILD=1``: show the compiler's output;
-- ``DUO_KERNELS_NO_CUDA_BUILD=1``: build the CPU kernels only.
+- ``DUO_KERNELS_NO_CUDA_BUILD=1``: build the CPU kernels only;
+- ``DUO_KERNELS_NO_SIMD=1`` (read at run time): the C++ top-k kernel takes its scalar path instead of
+  the AVX2 one (same results; for comparison and for debugging).
 """
 
 from __future__ import annotations

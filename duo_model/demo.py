@@ -67,7 +67,7 @@ def plan(cfg: DemoConfig, quick: bool, gpu: bool) -> dict:
                      num_samples=64, batch_size=64, rounds=5, eval_batches=20)
     else:
         sizes = dict(model="demo", seq_len=128, judge_steps=300, train_steps=600, distill_steps=300,
-                     num_samples=32, batch_size=32, rounds=3, eval_batches=8)
+                     num_samples=32, batch_size=16, rounds=3, eval_batches=8)
     for key in ("model", "seq_len", "judge_steps", "train_steps", "distill_steps", "num_samples"):
         if getattr(cfg, key):
             sizes[key] = getattr(cfg, key)
