@@ -10,6 +10,7 @@ row statistics and Gumbel conversion (checked equal to the kernel's below).
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -342,8 +343,9 @@ def test_tail_tokens_are_drawn_as_in_float64():
     Why not 10^6 random draws here: a tail token wins only when its Gumbel exceeds 18.4 plus the top
     token's, i.e. 1 - U < ~1e-8, so the expected number of tail draws is at most 1e-8 times the
     number of Gumbels evaluated, whatever V: 500 tail draws need 5e10 Philox evaluations (the issue's
-    10^6 x 50258), about an hour here and a second on a GPU (``test_tail_rate_on_gpu``). A smaller V
-    cannot keep both the 1e-8 ratio and a useful count. So on a CPU:
+    10^6 x 50258), about half an hour on 2 CPU cores with the C++ step (``test_tail_rate[cpu]``, run
+    with DUO_KERNELS_LONG_TESTS=1) and seconds on a GPU (``test_tail_rate[triton]``). A smaller V
+    cannot keep both the 1e-8 ratio and a useful count. So in the everyday suite:
 
     - ``test_exponential53_is_float64_accurate_over_the_whole_grid`` bounds the kernel's Gumbel
       error by 4e-7 on every uniform, so its draws differ from float64's only when two Gumbel keys
@@ -368,17 +370,22 @@ def test_tail_tokens_are_drawn_as_in_float64():
     assert int(reference.ancestral_step(logits, z_t, 0.01, 1.0, seed=1667)) == TAIL_SEEDS[1667]
 
 
-@pytest.mark.gpu
-def test_tail_rate_on_gpu():
+LONG_CPU_RUN = pytest.mark.skipif(os.environ.get("DUO_KERNELS_LONG_TESTS") != "1",
+                                  reason="about 30 minutes on 2 CPU cores; DUO_KERNELS_LONG_TESTS=1 runs it")
+
+
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=pytest.mark.gpu), pytest.param("cpu", marks=LONG_CPU_RUN)])
+def test_tail_rate(impl):
     """The issue's test at full size: 10^6 draws at V = 50258 through the kernel draw tail tokens at
     the float64 rate (5.02e-4: 502 expected, within 5 sigma), the 24-bit float32 Gumbel on the same
-    words at its truncated rate (1.55e-5: 15.5 expected; at most 40)."""
-    device = torch.device("cuda")
+    words at its truncated rate (1.55e-5: 15.5 expected; at most 40). On a GPU (Triton) in seconds;
+    on a CPU (the C++ step) in about half an hour, so only when asked for."""
+    device = torch.device("cuda" if impl == "triton" else "cpu")
     draws = 10**6
     p_tail = (VOCAB_OWT - 1) * 1e-8 / (1 + (VOCAB_OWT - 1) * 1e-8)
     logits = tail_logits().to(device).expand(1, draws, VOCAB_OWT)
     z_t = torch.ones(1, draws, dtype=torch.int64, device=device)
-    z_s = duo_kernels.ancestral_step(logits, z_t, 0.01, 1.0, seed=7, impl="triton")
+    z_s = duo_kernels.ancestral_step(logits, z_t, 0.01, 1.0, seed=7, impl=impl)
     tail = int(((z_s != 0) & (z_s != 1)).sum())
     expected = draws * p_tail
     assert abs(tail - expected) < 5 * math.sqrt(expected)
