@@ -30,10 +30,21 @@ class ConfigError(ValueError):
     """A config file or override that cannot be applied, with what to write instead."""
 
 
-def setting(default, help: str, choices: tuple | None = None, group: str | None = None):
-    """A dataclass field with its help text, its allowed values if a closed set, and the ``--help``
-    heading it opens (``group``)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "group": group})
+def setting(default, help: str, choices: tuple | None = None, group: str | None = None, check=None):
+    """A dataclass field with its help text, its allowed values if a closed set, the ``--help`` heading
+    it opens (``group``), and ``check``: ``(predicate, requirement)`` that :func:`validate` applies,
+    e.g. ``(lambda v: v >= 1, "must be >= 1")``."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "group": group,
+                                                        "check": check})
+
+
+def validate(cfg) -> None:
+    """Raise :class:`ConfigError` for the first setting of ``cfg`` that fails its ``check``."""
+    for f in dataclasses.fields(cfg):
+        check = f.metadata.get("check")
+        value = getattr(cfg, f.name)
+        if check and not check[0](value):
+            raise ConfigError(f"{f.name}={value!r}: {check[1]}")
 
 
 def _field_types(cls) -> dict[str, type]:
@@ -138,7 +149,9 @@ def build(cls, config_file: str | Path | None, overrides: list[str], *, base: di
                 error = _unknown(cls, key, command)
                 raise ConfigError(prefix + str(error))
             values[key] = _convert(key, raw, types[key], choices[key])
-    return cls(**values)
+    cfg = cls(**values)
+    validate(cfg)
+    return cfg
 
 
 def describe(cls) -> str:
