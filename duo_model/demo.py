@@ -15,7 +15,8 @@ real-text row scores held-out text the same way. The output says, one line per c
 in this run.
 
 Every stage is a normal run folder under ``out_dir`` (``judge/``, ``duo/``, ``duo-none/``, ``dcd/``);
-running the demo again reuses finished stages and resumes unfinished ones. It writes ``results.json``,
+running the demo again reuses finished stages, resumes unfinished ones and reuses the samples files
+already written for the same checkpoints and settings. It writes ``results.json``,
 ``results.md`` (the tables, the verdicts, a few samples), ``demo.png`` (both claims' curves, with
 matplotlib) and every sample file. Each stage's wall-clock and CPU seconds are logged and saved.
 ``--quick`` shrinks everything to a smoke run (numbers meaningless); on a GPU the demo picks a larger
@@ -62,8 +63,9 @@ class DemoConfig:
                                   check=(lambda v: v >= 1, "must be >= 1"))
     seed: int = setting(1, "seed of every training stage", group="Run")
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N")
-    num_threads: int = setting(1, "torch CPU threads (0 = torch's default, one per core); 1 is as fast as 2 "
-                               "on an idle 2-core CPU for the demo's model and ~10x faster on a loaded one")
+    num_threads: int = setting(1, "torch CPU threads of every stage (0 = torch's default, one per core); on the "
+                               "busy 2-core development machine 1 thread trained the demo's model 15-25x faster "
+                               "than 2 (oversubscription)")
     progress: bool = setting(True, "show progress bars")
 
 
@@ -179,7 +181,7 @@ def run_demo(cfg: DemoConfig, quick: bool = False) -> dict:
                                       for name in MODELS for steps in sizes["sample_steps"] for ending in ENDINGS])
     target = next(r for r in rows if r["model"] == MODELS["dcd"] and r["steps"] == 8 and r["sampler"] == "ancestral")
     controls = timer("entropy-matched control", lambda: sampler.matched_control(
-        target["entropy"], [s for s in (8, max(sizes["sample_steps"])) if s in sizes["sample_steps"]], val["duo"]))
+        target["entropy"], sorted({8, max(sizes["sample_steps"])}), val["duo"]))
     reference = timer("real-text reference", lambda: _reference_row(out / "duo", sizes, judge))
     results = {"sizes": sizes, "device": str(device), "threads": torch.get_num_threads(),
                "sampling_seeds": cfg.sampling_seeds,
@@ -212,23 +214,32 @@ class Sampler:
         self.seeds = range(cfg.sampling_seeds)
         self.models = {name: load_model(out / name, device=device) for name in MODELS}
 
-    def _scores(self, name: str, steps: int, ending: str, top_p: float, seed: int, save: bool) -> tuple[float, float]:
+    def _scores(self, name: str, steps: int, ending: str, top_p: float, seed: int) -> tuple[float, float]:
+        """Gen PPL and entropy of one sampling seed, from its samples file if an earlier run of the demo
+        wrote it for the same checkpoint and settings (so a stopped demo resumes), else sampled now."""
         model, info = self.models[name]
+        tag = "" if top_p == 1.0 else f"-top{top_p:.4f}"
+        path = self.out / "samples" / f"{name}-{steps}-{ending}{tag}-seed{seed}.json"
+        key = {"model": MODELS[name], "steps": steps, "noise_removal": ending, "top_p": top_p, "seed": seed,
+               "checkpoint": str(info["path"]), "num_samples": self.sizes["num_samples"],
+               "seq_len": self.sizes["seq_len"]}
+        try:
+            record = json.loads(path.read_text())
+            if all(record.get(k) == v for k, v in key.items()):
+                return record["gen_ppl"], record["entropy"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            pass  # none yet, or cut short by a kill: sample again
         ids, stats = generate(model, num_samples=self.sizes["num_samples"], seq_len=self.sizes["seq_len"],
                               steps=steps, recipe=Recipe(top_p=top_p), noise_removal=ending, seed=seed,
                               batch_size=self.sizes["num_samples"], device=self.device)
         texts = decode(info["tokenizer"], ids)
         gen_ppl, entropy = generative_perplexity(texts, self.judge, batch_size=32)["gen_ppl"], unigram_entropy(ids)
-        if save:
-            summary = {"model": MODELS[name], "steps": steps, "noise_removal": ending, "top_p": top_p, "seed": seed,
-                       "gen_ppl": gen_ppl, "entropy": entropy, "checkpoint": str(info["path"]), **stats}
-            tag = "" if top_p == 1.0 else f"-top{top_p:.3f}"
-            write_samples(self.out / "samples" / f"{name}-{steps}-{ending}{tag}-seed{seed}.json", summary, ids, texts,
-                          info["tokenizer"].to_json())
+        write_samples(path, {**key, "gen_ppl": gen_ppl, "entropy": entropy, **stats}, ids, texts,
+                      info["tokenizer"].to_json())
         return gen_ppl, entropy
 
     def cell(self, name: str, steps: int, ending: str, *, top_p: float = 1.0, val_ppl: float | None = None) -> dict:
-        scores = [self._scores(name, steps, ending, top_p, seed, save=True) for seed in self.seeds]
+        scores = [self._scores(name, steps, ending, top_p, seed) for seed in self.seeds]
         gen_ppl, gen_ppl_sd = _mean_sd([s[0] for s in scores])
         entropy, entropy_sd = _mean_sd([s[1] for s in scores])
         row = dict(model=MODELS[name], sampler=ending, steps=steps, top_p=top_p, gen_ppl=gen_ppl,
@@ -245,7 +256,7 @@ class Sampler:
             lo, hi, best = 0.5, 1.0, (float("inf"), 1.0)
             for _ in range(5):
                 p = (lo + hi) / 2
-                entropy = self._scores("duo", steps, "ancestral", p, seed=0, save=False)[1]
+                entropy = self._scores("duo", steps, "ancestral", p, seed=0)[1]
                 best = min(best, (abs(entropy - target_entropy), p))
                 lo, hi = (p, hi) if entropy < target_entropy else (lo, p)
             rows.append(self.cell("duo", steps, "ancestral", top_p=best[1], val_ppl=val_ppl))
