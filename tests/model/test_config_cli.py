@@ -30,6 +30,7 @@ def test_file_then_overrides(tmp_path):
     ("batchsize=8", r"did you mean: batch_size"),
     ("max_steps=ten", r"max_steps='ten': expected int"),
     ("curriculum=sparse", r"choose one of topk, dense, none"),
+    ("gamma_min=-inf", r"gamma_min=-inf: must be finite or nan"),
     ("lr", r"expected key=value"),
 ])
 def test_bad_overrides_are_clear_errors(override, message):
