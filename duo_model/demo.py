@@ -64,7 +64,7 @@ class DemoConfig:
     seed: int = setting(1, "seed of every training stage", group="Run")
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     num_threads: int = setting(1, "torch CPU threads of every stage (0 = torch's default, one per core); on the "
-                               "busy 2-core development machine 1 thread trained the demo's model 15-25x faster "
+                               "busy 2-core development machine 1 thread trained the demo's model 15-20x faster "
                                "than 2 (oversubscription)")
     progress: bool = setting(True, "show progress bars")
 
