@@ -43,6 +43,7 @@ samples' unigram entropy (duo-math §6.5).
     duo eval runs/duo corpus=text:my_plays/             # other text, the checkpoint's tokenizer
     duo eval --gen samples.json judge=runs/judge        # judge: a `duo train algo=ar` run
     duo eval --gen samples.json judge=hf:gpt2-large     # or a Hugging Face causal LM (transformers)
+    duo eval checkpoint=hf:s-sahoo/duo corpus=text:owt_valid/   # a published Duo model (see `duo sample --help`)
 
 Prints one JSON line: checkpoint, step, algo, corpus, split, val_nll, val_ppl, val_tokens; with
 --gen: samples, steps, num_samples, gen_nll, gen_ppl, gen_tokens, judge, entropy.
@@ -107,6 +108,14 @@ def _parser(prog: str, description: str, cls, positional: str | None = None,
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if getattr(args, "path", None) and "=" in args.path:  # no positional: argparse took the first key=value
+        args.settings.insert(0, args.path)
+        args.path = None
+    return args
+
+
 def _train(argv: list[str]) -> int:
     from duo_model.train import TrainConfig, train
 
@@ -125,9 +134,11 @@ def _eval(argv: list[str]) -> int:
     from duo_model.eval import EvalConfig, evaluate_checkpoint, evaluate_samples
 
     parser = _parser("duo eval", EVAL_DESCRIPTION, EvalConfig,
-                     CHECKPOINT_HELP + "; with --gen, a samples file of `duo sample`")
+                     CHECKPOINT_HELP + " (or checkpoint=); with --gen, a samples file of `duo sample`", optional=True)
     parser.add_argument("--gen", action="store_true", help="score a samples file (the positional argument) with judge=")
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
+    if args.gen and not args.path:
+        parser.error("--gen needs the samples file")
     cfg = build(EvalConfig, args.config, args.settings, command="eval")
     evaluate = evaluate_samples if args.gen else evaluate_checkpoint
     print(json.dumps(evaluate(args.path, cfg)))
@@ -152,10 +163,7 @@ def _sample(argv: list[str]) -> int:
 
     parser = _parser("duo sample", SAMPLE_DESCRIPTION, SampleConfig, CHECKPOINT_HELP + " (or checkpoint=)",
                      optional=True)
-    args = parser.parse_args(argv)
-    if args.path and "=" in args.path:  # no positional: argparse took the first key=value word for it
-        args.settings.insert(0, args.path)
-        args.path = None
+    args = _parse(parser, argv)
     cfg = build(SampleConfig, args.config, args.settings, command="sample")
     print(json.dumps(sample_checkpoint(args.path, cfg)))
     return 0

@@ -51,6 +51,7 @@ import torch
 from safetensors.torch import load as load_tensors
 
 from duo_model.checkpoint import CheckpointError
+from duo_model.config import ConfigError
 from duo_model.data import GPT2Tokenizer
 from duo_model.dit import ROPE_BASE, TIME_FREQUENCIES, DiT, DiTConfig
 
@@ -441,3 +442,17 @@ def load_published(source: str | Path, *, ema: bool = True,
             "ignored": others, "tokenizer": GPT2Tokenizer() if cfg.vocab_size == GPT2Tokenizer.vocab_size else None}
     return model, info
 
+
+def load_for_commands(source: str, *, ema: bool, device) -> tuple[DiT, dict]:
+    """:func:`load_published` for ``duo sample`` and ``duo eval``, which need the GPT-2 tokenizer and
+    the log-linear schedule of the sampler and the NELBO (eps 1e-3); ``info["state"]`` holds the step."""
+    from duo_model.loss import LOGLINEAR_EPS
+
+    model, info = load_published(source, ema=ema, device=device)
+    if info["tokenizer"] is None:
+        raise ConfigError(f"{info['path']}: vocabulary of {model.config.vocab_size} tokens; only GPT-2 + [PAD] "
+                          "(50258) published models have their tokenizer here")
+    if info["noise_eps"] != LOGLINEAR_EPS:
+        raise ConfigError(f"{info['path']}: noise eps {info['noise_eps']}; the log-linear schedule here has "
+                          f"{LOGLINEAR_EPS}")
+    return model, {**info, "state": {"step": info["step"]}}

@@ -46,7 +46,7 @@ from duo_model.checkpoint import load_model
 from duo_model.config import ConfigError, setting
 from duo_model.dit import DiT
 from duo_model.loss import LOGLINEAR_EPS
-from duo_model.published import load_published
+from duo_model.published import load_for_commands
 from duo_model.runtime import autocast_context, derive_seed, setup_distributed
 
 
@@ -189,18 +189,6 @@ def decode(tokenizer, ids: torch.Tensor) -> list[str]:
     return [tokenizer.decode(row.tolist()) for row in ids]
 
 
-def _load_published(cfg: SampleConfig, device) -> tuple[DiT, dict]:
-    """A published model (``cfg.checkpoint``) and the ``info`` :func:`sample_checkpoint` needs: its
-    samples are decoded as the Duo code decodes them."""
-    model, info = load_published(cfg.checkpoint, ema=cfg.ema, device=device)
-    if info["tokenizer"] is None:
-        raise ConfigError(f"{info['path']}: vocabulary of {model.config.vocab_size} tokens; only GPT-2 + [PAD] "
-                          "(50258) published models can be decoded here")
-    if info["noise_eps"] != LOGLINEAR_EPS:
-        raise ConfigError(f"{info['path']}: noise eps {info['noise_eps']}; the sampler's schedule has {LOGLINEAR_EPS}")
-    return model, {**info, "state": {"step": info["step"]}, "decode": info["tokenizer"].batch_decode}
-
-
 def sample_checkpoint(path: str | None, cfg: SampleConfig) -> dict:
     """Sample from a run folder's latest checkpoint (or a checkpoint folder), or from the published
     model ``cfg.checkpoint``; write ``cfg.out``, and return the summary (everything but the samples)."""
@@ -213,7 +201,8 @@ def sample_checkpoint(path: str | None, cfg: SampleConfig) -> dict:
         torch.set_num_threads(cfg.num_threads)
     _, device = setup_distributed(cfg.device)
     if cfg.checkpoint:
-        model, info = _load_published(cfg, device)
+        model, info = load_for_commands(cfg.checkpoint, ema=cfg.ema, device=device)
+        info["decode"] = info["tokenizer"].batch_decode  # as the Duo code decodes its samples
     else:
         model, info = load_model(path, ema=cfg.ema, device=device)
         if info["config"]["train"]["algo"] != "duo":

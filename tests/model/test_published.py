@@ -333,6 +333,19 @@ def test_duo_sample_published_checkpoint_is_reproducible(snapshot, tmp_path):
     assert len(sample["ids"]) == 16 and sample["text"] == GPT2Tokenizer().batch_decode([sample["ids"]])[0]
 
 
+def test_duo_eval_published_checkpoint(snapshot, corpus, cache, capsys):
+    folder, _ = snapshot
+    settings = [f"checkpoint={folder}", f"corpus=text:{corpus}", f"cache_dir={cache}", "batches=1", "batch_size=2",
+                "device=cpu"]
+    assert main(["eval", *settings]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(["eval", *settings]) == 0
+    assert json.loads(capsys.readouterr().out) == first
+    assert first["algo"] == "duo" and first["val_tokens"] == 2 * 16 and math.isfinite(first["val_ppl"])
+    assert main(["eval", f"checkpoint={folder}"]) == 2  # no corpus: a clear error
+    assert "brings no corpus" in capsys.readouterr().err
+
+
 def test_duo_sample_help_documents_published_checkpoints(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
