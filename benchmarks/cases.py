@@ -538,17 +538,23 @@ def _e2e_sample(inputs: Inputs, published: bool):
         model_ops.use("auto")
 
 
-register(Case(
-    name="sample 8 steps + Greedy-Tail DiT-small",
-    family="duo_model",
-    make_inputs=_e2e_sample_inputs,
-    fused=lambda i: _e2e_sample(i, published=False),
-    reference=lambda i: _e2e_sample(i, published=True),
-    # 9 forward passes reading the bf16 weights once each; a lower bound only (compute-bound)
-    bytes_moved=lambda s: 9 * 2 * (2 * s["V"] * s["d"] + _e2e_blocks(s["d"]) * 12 * s["d"] ** 2),
-    target="≥ 2× reference sampler (PERF-TARGETS)",
-    shape=dict(SAMPLING_SHAPE),
-))
+def _register_sampling(name: str, make_inputs, target: str, shape: Shape) -> None:
+    """A sampling run of ``generate``: the fused step against the published sampler's step."""
+    register(Case(
+        name=name,
+        family="duo_model",
+        make_inputs=make_inputs,
+        fused=lambda i: _e2e_sample(i, published=False),
+        reference=lambda i: _e2e_sample(i, published=True),
+        # 9 forward passes reading the bf16 weights once each; a lower bound only (compute-bound)
+        bytes_moved=lambda s: 9 * 2 * (2 * s["V"] * s["d"] + _e2e_blocks(s["d"]) * 12 * s["d"] ** 2),
+        target=target,
+        shape=shape,
+    ))
+
+
+_register_sampling("sample 8 steps + Greedy-Tail DiT-small", _e2e_sample_inputs,
+                   "≥ 2× reference sampler (PERF-TARGETS)", dict(SAMPLING_SHAPE))
 
 
 
@@ -577,16 +583,8 @@ def _published_sample_inputs(shape: Shape, device: torch.device) -> Inputs:
     return {"model": model, "shape": shape, "device": device}
 
 
-register(Case(
-    name="sample 8 steps + Greedy-Tail published DiT-small B=32",
-    family="duo_model",
-    make_inputs=_published_sample_inputs,
-    fused=lambda i: _e2e_sample(i, published=False),
-    reference=lambda i: _e2e_sample(i, published=True),
-    bytes_moved=lambda s: 9 * 2 * (2 * s["V"] * s["d"] + _e2e_blocks(s["d"]) * 12 * s["d"] ** 2),
-    target="time per batch, recorded next to the published sampler's",
-    shape=dict(B=32, L=1024, V=50258, d=768),
-))
+_register_sampling("sample 8 steps + Greedy-Tail published DiT-small B=32", _published_sample_inputs,
+                   "time per batch, recorded next to the published sampler's", dict(B=32, L=1024, V=50258, d=768))
 
 # ---- losses ----------------------------------------------------------------------------------------
 # The reference side of every loss row is what the public Duo code runs: the NELBO and the KL in fp32
