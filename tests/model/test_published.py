@@ -83,6 +83,10 @@ class AnyNode:
         self._val, self._metadata, self._parent = value, None, None
 
 
+class AttributeDict(dict):  # Lightning's hyper_parameters: a dict subclass, pickled with its items
+    pass
+
+
 class Tokenizer:  # what the Duo code pickles into hyper_parameters
     def __init__(self):
         self.vocab = {"[PAD]": 50257}
@@ -108,8 +112,8 @@ def write_lightning(path, raw, shadow, config=None, extra=None):
     state_dict["backbone.rotary_emb.inv_freq"] = inv_freq(D // N_HEADS)
     ckpt = {"epoch": 0, "global_step": 42, "pytorch-lightning_version": "2.2.1", "state_dict": state_dict,
             "ema": {"decay": 0.9999, "num_updates": 42, "shadow_params": list(shadow.values())},
-            "hyper_parameters": {"config": DictConfig(config or lightning_config()), "tokenizer": Tokenizer(),
-                                 "vocab_size": V},
+            "hyper_parameters": AttributeDict(config=DictConfig(config or lightning_config()), tokenizer=Tokenizer(),
+                                              vocab_size=V),
             "loops": {"fit_loop": {}}, "optimizer_states": [], **(extra or {})}
     torch.save(ckpt, path)
     return path
@@ -239,9 +243,11 @@ def test_malicious_pickle_is_neutralised(tmp_path):
 
 
 def test_plain_unwraps_inert_configs(lightning):
-    ckpt = safe_torch_load(lightning[0])
-    assert isinstance(ckpt["hyper_parameters"]["tokenizer"], Inert)
-    assert plain(ckpt["hyper_parameters"]["config"])["noise"] == {"type": "log-linear", "eps": 1e-3}
+    hparams = safe_torch_load(lightning[0])["hyper_parameters"]
+    assert isinstance(hparams, Inert)  # an unknown dict subclass: its items are kept
+    hparams = plain(hparams)
+    assert isinstance(hparams["tokenizer"], Inert) and hparams["vocab_size"] == V
+    assert hparams["config"]["noise"] == {"type": "log-linear", "eps": 1e-3}
 
 
 # ---- the port's logits ----------------------------------------------------------------------------
