@@ -212,17 +212,20 @@ def test_ema_shapes_are_checked(tmp_path):
         load_published(path)
 
 
-def test_hub_download_fails_with_the_folder_to_pass(monkeypatch):
-    import huggingface_hub
+def test_hub_download_offline_names_the_folder_to_pass(monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
 
     def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)  # nothing is downloaded
     with pytest.raises(CheckpointError, match="checkpoint=DIR"):
         load_published("hf:s-sahoo/duo-distilled")
+
+
+def test_hub_without_huggingface_hub_says_what_to_install(monkeypatch):
     monkeypatch.setattr(published.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(CheckpointError, match="needs the huggingface_hub package"):
+    with pytest.raises(CheckpointError, match="needs the huggingface_hub package.*checkpoint=DIR"):
         load_published("hf:s-sahoo/duo-distilled")
 
 
