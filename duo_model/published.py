@@ -369,8 +369,8 @@ def load_published(source: str | Path, *, ema: bool = True,
     Args:
         source: ``hf:OWNER/NAME`` (or ``OWNER/NAME``), a snapshot folder (config.json +
             model.safetensors) or a Lightning ``.ckpt`` of the Duo code (module docstring).
-        ema: for a ``.ckpt``, load its EMA weights (the default, as the Duo code evaluates) rather
-            than the raw ones; a snapshot holds one set of weights and ignores it.
+        ema: for a ``.ckpt``, load its EMA weights when it has them (the default, as the Duo code
+            evaluates) rather than the raw ones; a snapshot holds one set of weights and ignores it.
         device: where the model goes.
 
     Returns:
