@@ -366,7 +366,6 @@ def _plot(results: dict, path: Path) -> bool:
     for name, label in (("duo", "curriculum"), ("duo-none", "no curriculum")):
         curve = results["curves"][name]
         ax1.plot([p["step"] for p in curve], [p["val_ppl"] for p in curve], "-o", label=label)
-    ax1.set_yscale("log")
     ax1.set_xlabel("training steps")
     ax1.set_ylabel("validation PPL")
     ax1.set_title("claim 1: the curriculum")
