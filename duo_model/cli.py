@@ -171,9 +171,20 @@ USAGE = """usage: duo {demo,train,distill,sample,eval} [--help] [--config FILE] 
 `duo <command> --help` lists every setting."""
 
 
+def _one_line(exc: BaseException) -> str:
+    """The error as one line: an OSError as its reason and path, anything else as its text."""
+    if isinstance(exc, OSError) and exc.strerror:
+        paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+        text = f"{exc.strerror}: {paths}" if paths else exc.strerror
+    else:
+        text = str(exc)
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     from duo_model.checkpoint import CheckpointError
     from duo_model.data import DataError
+    from duo_model.runtime import RunError
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
@@ -184,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if asked else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, DataError, CheckpointError) as exc:
-        print(f"duo {argv[0]}: error: {exc}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError, RunError, OSError) as exc:
+        print(f"duo {argv[0]}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -41,7 +41,8 @@ import torch
 
 from duo_model import ops
 from duo_model.checkpoint import load_model
-from duo_model.config import ConfigError, setting
+from duo_model.config import (ConfigError, at_least, device_spec, matches, setting, validate, within,
+                              writable_path)
 from duo_model.dit import DiT
 from duo_model.loss import LOGLINEAR_EPS
 from duo_model.runtime import autocast_context, derive_seed, setup_distributed
@@ -68,30 +69,44 @@ RECIPES = {
 }
 
 
+_NUMBER = r"[0-9.eE+-]+"
+PROFILE = matches(rf"|linear|linear-constant-linear-{_NUMBER}(-inv)?", "linear or linear-constant-linear-<c>[-inv]",
+                  "zigzag")
+_KAPPA_MODE = rf"pure-posterior|pure-pc|(constant|constant-remdm|max-capped|max-rescale)-{_NUMBER}"
+KAPPA = matches(rf"|\s*({_KAPPA_MODE})\s*|(\s*({_KAPPA_MODE})\s*,){{2}}\s*({_KAPPA_MODE})\s*",
+                "a kappa mode (pure-posterior, pure-pc, constant-<eta>, constant-remdm-<eta>, max-capped-<eta>, "
+                "max-rescale-<eta>) or three separated by commas", "sometimes")
+
+
 @dataclass
 class SampleConfig:
     """Every setting of ``duo sample`` (``key=value`` on the command line)."""
 
-    steps: int = setting(64, "sampler steps (network calls: steps + 1 with a noise-removal step)", group="Sampler")
+    steps: int = setting(64, "sampler steps (network calls: steps + 1 with a noise-removal step)", group="Sampler", check=at_least(1))
     recipe: str = setting("ancestral", "sampler recipe (module docstring; duo-math §6.4)", tuple(RECIPES))
     noise_removal: str = setting("greedy", "last step at t = eps: greedy (argmax, the Greedy-Tail), ancestral (one "
                                  "more step to alpha = 1), none", ("greedy", "ancestral", "none"))
     time_profile: str = setting("", "time profile: linear or linear-constant-linear-<c>[-inv] (default: the "
-                                "recipe's)")
-    kappa: str = setting("", "kappa mode, or high,middle,low modes separated by commas (default: the recipe's)")
-    high_frac: float = setting(-1.0, "share of the grid in the high segment (-1 = the recipe's)")
-    middle_frac: float = setting(-1.0, "share of the grid in the middle segment (-1 = the recipe's)")
-    top_p: float = setting(0.0, "nucleus mass in (0, 1] (0 = the recipe's)")
-    eps: float = setting(1e-5, "last time of the grid")
-    num_samples: int = setting(16, "sequences to generate", group="Output")
-    seq_len: int = setting(0, "tokens per sequence (0 = the checkpoint's)")
-    batch_size: int = setting(16, "sequences per network call")
-    out: str = setting("samples.json", "output file: settings, throughput, and each sample's text and ids")
+                                "recipe's)", check=PROFILE)
+    kappa: str = setting("", "kappa mode, or high,middle,low modes separated by commas (default: the recipe's)", check=KAPPA)
+    high_frac: float = setting(-1.0, "share of the grid in the high segment (-1 = the recipe's)", check=within(0, 1, also=(-1,)))
+    middle_frac: float = setting(-1.0, "share of the grid in the middle segment (-1 = the recipe's)", check=within(0, 1, also=(-1,)))
+    top_p: float = setting(0.0, "nucleus mass in (0, 1] (0 = the recipe's)", check=within(0, 1, lo_open=True, also=(0,)))
+    eps: float = setting(1e-5, "last time of the grid", check=within(0, 1, lo_open=True, hi_open=True))
+    num_samples: int = setting(16, "sequences to generate", group="Output", check=at_least(1))
+    seq_len: int = setting(0, "tokens per sequence (0 = the checkpoint's)", check=at_least(0))
+    batch_size: int = setting(16, "sequences per network call", check=at_least(1))
+    out: str = setting("samples.json", "output file: settings, throughput, and each sample's text and ids", check=writable_path())
     ema: bool = setting(True, "sample with the EMA weights (false: the raw weights)")
-    seed: int = setting(1, "seed of the initial ids and every step")
-    device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N", group="Run")
+    seed: int = setting(1, "seed of the initial ids and every step", check=at_least(0))
+    device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N", group="Run", check=device_spec())
     precision: str = setting("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32", ("auto", "bf16", "fp32"))
-    num_threads: int = setting(0, "torch CPU threads (0 = torch's default)")
+    num_threads: int = setting(0, "torch CPU threads (0 = torch's default)", check=at_least(0))
+
+    def validate(self) -> None:
+        """The rules between settings (:func:`duo_model.config.validate` checks each setting first)."""
+        if max(self.high_frac, 0) + max(self.middle_frac, 0) > 1:
+            raise ConfigError(f"high_frac={self.high_frac} and middle_frac={self.middle_frac} add up to more than 1")
 
 
 def resolve_recipe(cfg: SampleConfig) -> Recipe:
@@ -186,9 +201,7 @@ def decode(tokenizer, ids: torch.Tensor) -> list[str]:
 def sample_checkpoint(path: str, cfg: SampleConfig) -> dict:
     """Sample from a run folder's latest checkpoint (or a checkpoint folder), write ``cfg.out``, and
     return the summary (everything but the samples)."""
-    for name in ("steps", "num_samples", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    validate(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     _, device = setup_distributed(cfg.device)
