@@ -36,7 +36,6 @@ Loading a model for evaluation or sampling::
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -112,7 +111,8 @@ def _read_latest(folder: Path) -> dict | None:
         return None
     try:
         record = json.loads(pointer.read_text())
-        if not (isinstance(record, dict) and isinstance(record.get("path"), str) and isinstance(record.get("step"), int)):
+        if not (isinstance(record, dict) and isinstance(record.get("path"), str)
+                and isinstance(record.get("step"), int)):
             raise ValueError("not a checkpoint pointer")
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{pointer} is corrupt ({exc}); point it at a complete step folder or start "

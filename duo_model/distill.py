@@ -57,8 +57,10 @@ class DistillConfig:
     corpus: str = setting("", "training text (default: the checkpoint's), tokenized with the checkpoint's tokenizer",
                           group="Data", check=corpus_spec(optional=True))
     seq_len: int = setting(0, "tokens per sequence (0 = the checkpoint's)", check=at_least(0))
-    val_fraction: float = setting(0.0, "held-out share of the corpus (0 = the checkpoint's)", check=within(0, 1, hi_open=True))
-    cache_dir: str = setting("", "cache folder (default $DUO_MODEL_CACHE or ~/.cache/duo_model)", check=writable_path(optional=True))
+    val_fraction: float = setting(0.0, "held-out share of the corpus (0 = the checkpoint's)",
+                                  check=within(0, 1, hi_open=True))
+    cache_dir: str = setting("", "cache folder (default $DUO_MODEL_CACHE or ~/.cache/duo_model)",
+                             check=writable_path(optional=True))
     T: int = setting(64, "the first round's step is dt = 1/T (the published script: 512)",
                      group="DCD (duo-math §5)", check=at_least(1))
     update_teacher_every: int = setting(100, "steps per round: the teacher is refreshed and dt doubles every this "
@@ -69,9 +71,12 @@ class DistillConfig:
     gamma_min: float = setting(-4.0, "gamma at t = 0 (alpha = 0.9987 for the GPT-2 vocabulary)", check=finite())
     gamma_max: float = setting(-1.0, "gamma at t = 1 (alpha = 0.0062 for the GPT-2 vocabulary)", check=finite())
     teacher_ema: bool = setting(False, "refresh the teacher from the EMA weights instead of the raw ones")
-    max_steps: int = setting(500, "optimizer steps (the paper: 50000, five rounds)", group="Optimization", check=at_least(1))
-    batch_size: int = setting(32, "global batch: sequences per optimizer step over all ranks (the paper: 128)", check=at_least(1))
-    micro_batch_size: int = setting(0, "sequences per forward pass on one rank; 0 = batch_size / ranks", check=at_least(0))
+    max_steps: int = setting(500, "optimizer steps (the paper: 50000, five rounds)", group="Optimization",
+                             check=at_least(1))
+    batch_size: int = setting(32, "global batch: sequences per optimizer step over all ranks (the paper: 128)",
+                              check=at_least(1))
+    micro_batch_size: int = setting(0, "sequences per forward pass on one rank; 0 = batch_size / ranks",
+                                    check=at_least(0))
     lr: float = setting(6e-5, "AdamW learning rate after warm-up (constant)", check=above(0))
     warmup_steps: int = setting(50, "linear learning-rate warm-up from 0 (the paper: 500)", check=at_least(0))
     beta1: float = setting(0.9, "AdamW beta1", check=within(0, 1, hi_open=True))
@@ -79,11 +84,13 @@ class DistillConfig:
     weight_decay: float = setting(0.0, "AdamW weight decay", check=at_least(0))
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)", check=at_least(0))
     ema: float = setting(0.999, "EMA decay of the student (warmed up as min(ema, (1+n)/(10+n)))", check=within(0, 1))
-    out_dir: str = setting("runs/distill", "run folder: metrics.jsonl, checkpoints/", group="Run", check=writable_path())
+    out_dir: str = setting("runs/distill", "run folder: metrics.jsonl, checkpoints/", group="Run",
+                           check=writable_path())
     seed: int = setting(1, "seed of data order, times and noise", check=at_least(0))
     log_every: int = setting(10, "steps between metric lines", check=at_least(1))
     eval_every: int = setting(100, "steps between validation KL evaluations (0 = only at the end)", check=at_least(0))
-    eval_batches: int = setting(8, "validation batches of batch_size per evaluation (0 = the whole split)", check=at_least(0))
+    eval_batches: int = setting(8, "validation batches of batch_size per evaluation (0 = the whole split)",
+                                check=at_least(0))
     save_every: int = setting(250, "steps between checkpoints (0 = only at the end)", check=at_least(0))
     keep_checkpoints: int = setting(2, "newest checkpoints kept (0 = all)", check=at_least(0))
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N", check=device_spec())
@@ -227,7 +234,8 @@ def _distill(cfg: DistillConfig, resume: bool, env: Distributed, device: torch.d
             objective, device_ids=[device.index] if device.type == "cuda" else None)
 
     run_config = {"train": saved, "model": mcfg.to_dict(), "distill": dataclasses.asdict(cfg),
-                  "init": str(init["path"]), "run": {"kind": "distill", "data": data_fingerprint(data)}, "duo_kernels": duo_kernels.__version__, "ops": ops.sources()}
+                  "init": str(init["path"]), "run": {"kind": "distill", "data": data_fingerprint(data)},
+                  "duo_kernels": duo_kernels.__version__, "ops": ops.sources()}
     log = None
     if env.main:
         out_dir.mkdir(parents=True, exist_ok=True)

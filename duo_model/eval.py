@@ -43,9 +43,11 @@ class EvalConfig:
     corpus: str = setting("", "text to evaluate on (default: the checkpoint's corpus), tokenized with the "
                           "checkpoint's tokenizer", group="Data", check=corpus_spec(optional=True))
     seq_len: int = setting(0, "tokens per sequence (0 = the checkpoint's)", check=at_least(0))
-    val_fraction: float = setting(0.0, "held-out share of the corpus (0 = the checkpoint's)", check=within(0, 1, hi_open=True))
+    val_fraction: float = setting(0.0, "held-out share of the corpus (0 = the checkpoint's)",
+                                  check=within(0, 1, hi_open=True))
     split: str = setting("validation", "which split to score", ("validation", "train"))
-    cache_dir: str = setting("", "cache folder (default $DUO_MODEL_CACHE or ~/.cache/duo_model)", check=writable_path(optional=True))
+    cache_dir: str = setting("", "cache folder (default $DUO_MODEL_CACHE or ~/.cache/duo_model)",
+                             check=writable_path(optional=True))
     batch_size: int = setting(32, "sequences per batch", group="Evaluation", check=at_least(1))
     batches: int = setting(0, "batches to score (0 = the whole split)", check=at_least(0))
     ema: bool = setting(True, "score the EMA weights (false: the raw weights)")
@@ -54,7 +56,8 @@ class EvalConfig:
     precision: str = setting("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32", ("auto", "bf16", "fp32"))
     num_threads: int = setting(0, "torch CPU threads (0 = torch's default)", check=at_least(0))
     judge: str = setting("", "with --gen: the judge, an AR run or checkpoint (`duo train algo=ar`) or hf:NAME (a "
-                         "Hugging Face causal LM; needs transformers)", group="Generative evaluation (--gen)", check=existing_path(optional=True, also="hf:"))
+                         "Hugging Face causal LM; needs transformers)", group="Generative evaluation (--gen)",
+                         check=existing_path(optional=True, also="hf:"))
 
 
 @torch.no_grad()

@@ -82,21 +82,27 @@ KAPPA = matches(rf"|\s*({_KAPPA_MODE})\s*|(\s*({_KAPPA_MODE})\s*,){{2}}\s*({_KAP
 class SampleConfig:
     """Every setting of ``duo sample`` (``key=value`` on the command line)."""
 
-    steps: int = setting(64, "sampler steps (network calls: steps + 1 with a noise-removal step)", group="Sampler", check=at_least(1))
+    steps: int = setting(64, "sampler steps (network calls: steps + 1 with a noise-removal step)", group="Sampler",
+                         check=at_least(1))
     recipe: str = setting("ancestral", "sampler recipe (module docstring; duo-math §6.4)", tuple(RECIPES))
     noise_removal: str = setting("greedy", "last step at t = eps: greedy (argmax, the Greedy-Tail), ancestral (one "
                                  "more step to alpha = 1), none", ("greedy", "ancestral", "none"))
     time_profile: str = setting("", "time profile: linear or linear-constant-linear-<c>[-inv] (default: the "
                                 "recipe's)", check=PROFILE)
-    kappa: str = setting("", "kappa mode, or high,middle,low modes separated by commas (default: the recipe's)", check=KAPPA)
-    high_frac: float = setting(-1.0, "share of the grid in the high segment (-1 = the recipe's)", check=within(0, 1, also=(-1,)))
-    middle_frac: float = setting(-1.0, "share of the grid in the middle segment (-1 = the recipe's)", check=within(0, 1, also=(-1,)))
-    top_p: float = setting(0.0, "nucleus mass in (0, 1] (0 = the recipe's)", check=within(0, 1, lo_open=True, also=(0,)))
+    kappa: str = setting("", "kappa mode, or high,middle,low modes separated by commas (default: the recipe's)",
+                         check=KAPPA)
+    high_frac: float = setting(-1.0, "share of the grid in the high segment (-1 = the recipe's)",
+                               check=within(0, 1, also=(-1,)))
+    middle_frac: float = setting(-1.0, "share of the grid in the middle segment (-1 = the recipe's)",
+                                 check=within(0, 1, also=(-1,)))
+    top_p: float = setting(0.0, "nucleus mass in (0, 1] (0 = the recipe's)",
+                           check=within(0, 1, lo_open=True, also=(0,)))
     eps: float = setting(1e-5, "last time of the grid", check=within(0, 1, lo_open=True, hi_open=True))
     num_samples: int = setting(16, "sequences to generate", group="Output", check=at_least(1))
     seq_len: int = setting(0, "tokens per sequence (0 = the checkpoint's)", check=at_least(0))
     batch_size: int = setting(16, "sequences per network call", check=at_least(1))
-    out: str = setting("samples.json", "output file: settings, throughput, and each sample's text and ids", check=writable_path())
+    out: str = setting("samples.json", "output file: settings, throughput, and each sample's text and ids",
+                       check=writable_path())
     ema: bool = setting(True, "sample with the EMA weights (false: the raw weights)")
     seed: int = setting(1, "seed of the initial ids and every step", check=at_least(0))
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N", group="Run", check=device_spec())

@@ -39,8 +39,8 @@ import duo_kernels
 from duo_model import ops
 from duo_model.checkpoint import (CheckpointError, clean, latest, new_run_id, read_checkpoint, restore_optimizer,
                                   save_checkpoint)
-from duo_model.config import (ConfigError, validate, above, at_least, corpus_spec, device_spec, finite, setting, tokenizer_spec,
-                              within, writable_path)
+from duo_model.config import (ConfigError, above, at_least, corpus_spec, device_spec, finite, setting, tokenizer_spec,
+                              validate, within, writable_path)
 from duo_model.data import Data, atomic_write_bytes, prepare_data
 from duo_model.dit import DiT, DiTConfig, count_parameters
 from duo_model.eval import validation_nll
@@ -58,7 +58,8 @@ class TrainConfig:
     tokenizer: str = setting("bpe:2048", "bpe:N (BPE of N tokens trained on the corpus, cached), gpt2 (offline), "
                              "bytes", check=tokenizer_spec())
     seq_len: int = setting(128, "tokens per sequence L, [BOS] and [EOS] included (the paper: 1024)", check=at_least(3))
-    val_fraction: float = setting(0.05, "share of the corpus (its end) held out for validation", check=within(0, 1, lo_open=True, hi_open=True))
+    val_fraction: float = setting(0.05, "share of the corpus (its end) held out for validation",
+                                  check=within(0, 1, lo_open=True, hi_open=True))
     cache_dir: str = setting("", "cache for trained tokenizers and tokenized corpora (default "
                              "$DUO_MODEL_CACHE or ~/.cache/duo_model)", check=writable_path(optional=True))
     # model
@@ -77,17 +78,22 @@ class TrainConfig:
                               ("topk", "dense", "none"))
     topk: int = setting(2, "k, the coordinates the topk curriculum keeps", check=at_least(1))
     curriculum_start: int = setting(0, "step where tau starts moving from 10^tau_log10_start", check=at_least(0))
-    curriculum_end: int = setting(500, "first step of the discrete phase (the paper: 500000 of 1M steps)", check=at_least(0))
-    tau_log10_start: float = setting(-3.0, "log10 of the softmax temperature tau at curriculum_start", check=within(-30, 30))
-    tau_log10_end: float = setting(-3.0, "log10 of tau at curriculum_end (log-linear in between)", check=within(-30, 30))
+    curriculum_end: int = setting(500, "first step of the discrete phase (the paper: 500000 of 1M steps)",
+                                  check=at_least(0))
+    tau_log10_start: float = setting(-3.0, "log10 of the softmax temperature tau at curriculum_start",
+                                     check=within(-30, 30))
+    tau_log10_end: float = setting(-3.0, "log10 of tau at curriculum_end (log-linear in between)",
+                                   check=within(-30, 30))
     gamma_min: float = setting(-3.55, "curriculum window: gamma at t = 0 (OWT run: -3.55)", check=finite())
     gamma_max: float = setting(-1.85, "curriculum window: gamma at t = 1 (OWT run: -1.85)", check=finite())
     reference_compat: bool = setting(False, "topk: reproduce the published sampler's z_t rule (duo-math §11.3)")
     fused_head: bool = setting(True, "compute the loss from the final hidden state with linear_usdm_nelbo "
                                "(no logits in memory once the fused op exists)")
     # optimization
-    max_steps: int = setting(1000, "optimizer steps to train for (the paper: 1000000)", group="Optimization (§8)", check=at_least(1))
-    batch_size: int = setting(32, "global batch: sequences per optimizer step over all ranks (the paper: 512)", check=at_least(1))
+    max_steps: int = setting(1000, "optimizer steps to train for (the paper: 1000000)", group="Optimization (§8)",
+                             check=at_least(1))
+    batch_size: int = setting(32, "global batch: sequences per optimizer step over all ranks (the paper: 512)",
+                              check=at_least(1))
     micro_batch_size: int = setting(0, "sequences per forward pass on one rank; 0 = batch_size / ranks; "
                                     "gradient accumulation makes up the rest", check=at_least(0))
     lr: float = setting(3e-4, "AdamW learning rate after warm-up", check=above(0))
@@ -101,10 +107,13 @@ class TrainConfig:
                          "and sampled", check=within(0, 1))
     # run
     out_dir: str = setting("runs/duo", "run folder: metrics.jsonl, checkpoints/", group="Run", check=writable_path())
-    seed: int = setting(1, "seed of data order, times, noise and initialisation (the same on all ranks)", check=at_least(0))
+    seed: int = setting(1, "seed of data order, times, noise and initialisation (the same on all ranks)",
+                        check=at_least(0))
     log_every: int = setting(10, "steps between metric lines", check=at_least(1))
-    eval_every: int = setting(250, "steps between validation perplexity evaluations (0 = only at the end)", check=at_least(0))
-    eval_batches: int = setting(20, "validation batches of batch_size per evaluation (0 = the whole split)", check=at_least(0))
+    eval_every: int = setting(250, "steps between validation perplexity evaluations (0 = only at the end)",
+                              check=at_least(0))
+    eval_batches: int = setting(20, "validation batches of batch_size per evaluation (0 = the whole split)",
+                                check=at_least(0))
     save_every: int = setting(250, "steps between checkpoints (0 = only at the end)", check=at_least(0))
     keep_checkpoints: int = setting(2, "newest checkpoints kept (0 = all)", check=at_least(0))
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N", check=device_spec())

@@ -9,8 +9,8 @@ Backends (``impl=``), with the memory each needs beyond inputs and outputs:
 - ``"reference"``: :mod:`duo_kernels.reference.nelbo`, float64 and dense: several (B, L, V) float64
   tensors.
 
-The derivation (the stable ``log1p`` form of eq. 3.5 and the gradient 3.6) is in the docstring of
-:mod:`duo_kernels.triton.nelbo`. The ``"triton"`` and ``"cpu"`` paths are ``torch.library`` custom ops
+The derivation (the stable ``log1p`` form of eq. 3.5, the cancellation-free form for small alpha_t,
+and the gradient 3.6) is in the docstring of :mod:`duo_kernels.triton.nelbo`. The ``"triton"`` and ``"cpu"`` paths are ``torch.library`` custom ops
 (``duo_kernels::usdm_nelbo``, ``duo_kernels::linear_usdm_nelbo`` and their ``_backward`` ops) with fake
 implementations and registered autograd, so ``torch.compile(fullgraph=True)`` traces them as single
 nodes. The backend is an ``str`` argument of the op, resolved from ``impl`` before the op is called
@@ -110,8 +110,7 @@ def _cpu_forward(logits: Tensor, z_t: Tensor, x0: Tensor, alpha_t: Tensor, dalph
     for start, stop in row_chunks(b * l, vocab_size):
         x = _cpu_rows(logits, keep, start, stop)
         z, m = z_t[start:stop], x0[start:stop]
-        one_minus_a, r, coeff, kappa, ne, c2 = nelbo_row_constants(
-            vocab_size, alpha_t[start:stop], dalpha_t[start:stop], z, m)
+        one_minus_a, r, _, _, ne, _ = nelbo_row_constants(vocab_size, alpha_t[start:stop], dalpha_t[start:stop], z, m)
         # amax propagates NaN; +inf is as bad (inf - inf in exp).
         row_max = x.amax(-1)
         row_max = torch.where(row_max == torch.inf, torch.nan, row_max)
