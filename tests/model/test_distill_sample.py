@@ -98,8 +98,10 @@ def test_distill_run_writes_a_sampleable_checkpoint_and_resumes_exactly(runs, ca
 def test_distill_errors(runs, cache, tmp_path):
     with pytest.raises(ConfigError, match="init="):
         distill(distill_config(runs, cache, tmp_path / "a", init=""))
-    with pytest.raises(CheckpointError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="init=.*missing does not exist"):
         distill(distill_config(runs, cache, tmp_path / "b", init=str(tmp_path / "missing")))
+    with pytest.raises(CheckpointError, match="init=.*: no checkpoint"):
+        distill(distill_config(runs, cache, tmp_path / "b", init=str(tmp_path)))
     with pytest.raises(CheckpointError, match="algo=ar"):
         distill(distill_config(runs, cache, tmp_path / "c", init=str(runs / "judge")))
 

@@ -19,7 +19,7 @@ from duo_model.checkpoint import read_checkpoint
 from tests.model import faults
 from tests.model.helpers import tiny_config
 
-KILLS = 12  # per command
+KILLS = 10  # per command
 SEED = int(os.environ.get("DUO_FAULT_SEED", "0"))
 INJECTIONS = (("write", False), ("replace", False), ("replace", True), ("fsync", True), ("prune", False))
 
