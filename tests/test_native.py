@@ -12,7 +12,8 @@ from duo_kernels import _native
 
 def test_build_key_names_versions():
     key = _native.build_key(False)
-    assert "torch" in key and key.endswith("-cpu") and _native.__version__ in key
+    assert "torch" in key and "-cpu-" in key and _native.__version__ in key
+    assert key.endswith(_native.sources_hash(False))
 
 
 def test_missing_compiler_is_named(monkeypatch):
