@@ -133,7 +133,9 @@ class KVCache:
 
     Each block's keys and values live in one preallocated (B, H, max_len, Dh) buffer per tensor,
     created at the first call in the dtype the block computes in (bf16 under a bf16 autocast) and
-    written in place; nothing is ever recomputed or reallocated. ``length`` positions are filled. A call
+    written in place; nothing is ever recomputed or reallocated. ``length`` positions are filled. The
+    conditioning on sigma (time MLP, adaLN modulations) is computed once too: every call of one cache
+    passes the same sigma. A call
     ``model(ids, sigma, cache=cache)`` with ids (B, n) runs positions ``length .. length + n - 1``
     (a prefill for n > 1, a decode step for n = 1), returns their logits (B, n, V) and advances
     ``length``; those logits equal the full forward's at the same positions up to float rounding.
@@ -157,6 +159,23 @@ class KVCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._conditioning: dict = {}
+        self._sigma: torch.Tensor | None = None
+
+    def check_sigma(self, sigma: torch.Tensor) -> None:
+        """The conditioning on sigma is computed at the first call and reused: every call must pass the
+        first call's sigma (an AR model's is 0). Checked on CPU tensors (a GPU check would synchronize)."""
+        if self._sigma is None:
+            self._sigma = sigma.clone()
+        elif sigma.shape != self._sigma.shape or (sigma.device.type == "cpu" and not torch.equal(sigma, self._sigma)):
+            raise ValueError("every call with one KV cache must pass the same sigma as the first (same batch)")
+
+    def reuse(self, key, compute):
+        """``compute()`` at the first call, the stored result after: the conditioning and the adaLN
+        modulations depend on sigma only, not on the position."""
+        if key not in self._conditioning:
+            self._conditioning[key] = compute()
+        return self._conditioning[key]
 
     def rotary(self, n: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary tables of the next ``n`` positions, (n, head_dim) each."""
@@ -176,9 +195,8 @@ class KVCache:
             self.keys.append(k.new_empty(shape))
             self.values.append(v.new_empty(shape))
         keys, values = self.keys[index], self.values[index]
-        if keys.shape[:2] != k.shape[:2] or keys.dtype != k.dtype:
-            raise ValueError(f"this KV cache was filled with batch {keys.shape[0]} in {keys.dtype}; got batch "
-                             f"{k.shape[0]} in {k.dtype} (use one cache per batch and precision)")
+        if keys.dtype != k.dtype:
+            raise ValueError(f"this KV cache holds {keys.dtype} keys; got {k.dtype} (keep one precision per cache)")
         start, n = self.length, k.shape[2]
         keys[:, :, start:start + n] = k
         values[:, :, start:start + n] = v
@@ -210,7 +228,11 @@ class DiTBlock(nn.Module):
 
     def forward(self, h, c, cos, sin, cache: KVCache | None = None, index: int = 0):
         b, length, d = h.shape
-        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+        if cache is None:
+            modulation = self.adaLN_modulation(c)
+        else:
+            modulation = cache.reuse(index, lambda: self.adaLN_modulation(c))
+        sh1, sc1, g1, sh2, sc2, g2 = modulation[:, None].chunk(6, dim=-1)
         q, k, v = self.qkv(modulate(self.norm1(h), sh1, sc1)).view(b, length, 3, self.n_heads, -1).permute(
             2, 0, 3, 1, 4)  # each [B, H, L, Dh]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -269,8 +291,11 @@ class DiT(nn.Module):
             sigma = sigma.mean(-1)
         if sigma.shape != (h.shape[0],):
             raise ValueError(f"sigma must have shape ({h.shape[0]},) or ({h.shape[0]}, 1), got {tuple(sigma.shape)}")
+        if cache is not None:
+            cache.check_sigma(sigma)
         with torch.autocast(h.device.type, enabled=False):
-            c = F.silu(self.time_mlp(timestep_embedding(sigma)))
+            c = F.silu(self.time_mlp(timestep_embedding(sigma))) if cache is None else cache.reuse(
+                "c", lambda: F.silu(self.time_mlp(timestep_embedding(sigma))))
         head_dim = self.config.d_model // self.config.n_heads
         if cache is None:
             cos, sin = rotary_tables(h.shape[1], head_dim, h.device)
@@ -280,7 +305,8 @@ class DiT(nn.Module):
             h = block(h, c, cos, sin, cache, index)
         if cache is not None:
             cache.length += h.shape[1]
-        shift, scale = self.adaLN_final(c)[:, None].chunk(2, dim=-1)
+        final = self.adaLN_final(c) if cache is None else cache.reuse("final", lambda: self.adaLN_final(c))
+        shift, scale = final[:, None].chunk(2, dim=-1)
         hidden = modulate(self.norm_final(h), shift, scale)
         return hidden if return_hidden else self.output(hidden)
 

@@ -88,8 +88,9 @@ def test_bad_inputs_are_rejected(model):
     model(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2), cache=cache)
     with pytest.raises(ValueError, match="holds 4 positions; 3 are filled and 2 more"):
         model(torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2), cache=cache)
-    with pytest.raises(ValueError, match="batch 2"):
-        model(torch.zeros(1, 1, dtype=torch.int64), torch.zeros(1), cache=cache)
+    for sigma in (torch.zeros(1), torch.ones(2)):  # another batch, another conditioning
+        with pytest.raises(ValueError, match="same sigma"):
+            model(torch.zeros(len(sigma), 1, dtype=torch.int64), sigma, cache=cache)
     for bad in (dict(greedy=True, temperature=0.5), dict(temperature=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             generate_ar(model, num_samples=1, seq_len=4, bos_id=0, **bad)
