@@ -28,7 +28,7 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path):
     ar = _cells(result, sampler="AR", B=1)[0]
     assert ar["calls"] == 15 and ar["tokens_per_s"] > 0
     summary = {(s["L"], s["B"]): s for s in result["summary"]}
-    assert summary[(16, 1)]["ar_over_duo8"] > 0 and summary[(16, 2)]["ar_over_duo8"] is None
+    assert summary[(16, 1)]["ar_over_duo8_cpu"] > 0 and summary[(16, 2)]["ar_over_duo8_wall"] is None
     assert json.loads((tmp_path / "generation.json").read_text())["environment"]["torch_threads"] == 1
     assert "| 16 | 2 | Duo fused, Greedy-Tail | 8 | 9 | skipped" in (tmp_path / "generation.md").read_text()
     assert (tmp_path / "generation.png").stat().st_size > 0
