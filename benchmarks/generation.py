@@ -11,8 +11,9 @@ batch of L tokens from
 - **Duo, published step**: the same loop and ancestral ending with the published sampler's float64
   dense step (``benchmarks.cases.published_ancestral_step``) in place of the fused one.
 
-Each cell is run once, then, on a GPU or if that took under a second, timed as the median of
-``--repeats`` more runs. Wall time per batch, tokens/s, and AR time / cell time (> 1: faster than AR),
+Each cell is run once, then, if that took under a second, timed as the median of ``--repeats`` more
+runs (a longer first run is the cell's time). A cell that fails (out of memory, say) gets its error in
+its row and the run goes on. Wall time per batch, tokens/s, and AR time / cell time (> 1: faster than AR),
 in wall time and in process CPU time (on one thread, the work done: robust to other jobs on a shared
 machine). With trained runs (``--duo`` and ``--ar``, same DiT size, and ``--judge``, an AR
 run) each sampler setting's Gen PPL and unigram entropy (``duo eval --gen``'s) are measured on the
@@ -118,14 +119,14 @@ def run_sampler(kind: str, ending: str, steps: int, models, batch: int, seq_len:
 
 def time_cell(kind, ending, steps, models, batch, seq_len, device, bos_id, repeats):
     """(median wall seconds per batch, median process CPU seconds, the ids of the last run): a first run,
-    then, on a GPU or where it took under a second, the median of ``repeats`` more."""
+    then, where it took under a second, the median of ``repeats`` more."""
     def measure():
         cpu = time.process_time()
         ids, stats = run_sampler(kind, ending, steps, models, batch, seq_len, device, bos_id)
         return stats["seconds"], time.process_time() - cpu, ids
 
     runs = [measure()]
-    if device.type == "cuda" or runs[0][0] < 1.0:
+    if runs[0][0] < 1.0:
         runs = [measure() for _ in range(repeats)]
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), runs[-1][2]
 
@@ -191,11 +192,17 @@ def run(args) -> dict:
                 if kind != "AR" and max_token_calls and steps * batch * seq_len > max_token_calls:
                     cell["skipped"] = f"steps x B x L > {max_token_calls}"
                 else:
-                    seconds, cpu_seconds, ids = time_cell(kind, ending, steps, (duo, ar), batch, seq_len, device,
-                                                          bos_id, args.repeats)
-                    cell.update(seconds=seconds, cpu_seconds=cpu_seconds, tokens_per_s=batch * seq_len / seconds)
-                    if judge is not None and batch == max(batches):
-                        cell.update(quality(ids, tokenizer, judge))
+                    try:
+                        seconds, cpu_seconds, ids = time_cell(kind, ending, steps, (duo, ar), batch, seq_len, device,
+                                                              bos_id, args.repeats)
+                    except (RuntimeError, torch.OutOfMemoryError) as exc:  # e.g. the published step's fp64 at B=32
+                        cell["skipped"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    else:
+                        cell.update(seconds=seconds, cpu_seconds=cpu_seconds, tokens_per_s=batch * seq_len / seconds)
+                        if judge is not None and batch == max(batches):
+                            cell.update(quality(ids, tokenizer, judge))
                 cells.append(cell)
                 print(json.dumps(cell), flush=True)
     env["load_average_end"] = load_average()
@@ -208,6 +215,8 @@ def summarize(cells: list[dict]) -> list[dict]:
     for seq_len, batch in sorted({(c["L"], c["B"]) for c in cells}):
         group = [c for c in cells if c["L"] == seq_len and c["B"] == batch]
         ar = next(c for c in group if c["sampler"] == "AR")
+        if ar["seconds"] is None:
+            continue
         greedy = [c for c in group if c["sampler"] == "Duo fused" and c["ending"] == "greedy"]
         eight = next((c for c in greedy if c["steps"] == 8 and c["seconds"] is not None), None)
         row = {"L": seq_len, "B": batch, "ar_seconds": ar["seconds"]}
@@ -237,9 +246,9 @@ def markdown(result: dict) -> str:
             continue
         ppl = f"{c['gen_ppl']:.2f} | {c['entropy']:.3f}" if "gen_ppl" in c else "— | —"
         base = ar[(c["L"], c["B"])]
+        ratios = [f"{base[key] / c[key]:.3g}×" if base["seconds"] else "n/a" for key in ("seconds", "cpu_seconds")]
         lines.append(f"| {c['L']} | {c['B']} | {name} | {steps} | {c['calls']} | {1e3 * c['seconds']:.4g} | "
-                     f"{c['tokens_per_s']:.4g} | {base['seconds'] / c['seconds']:.3g}× | {1e3 * c['cpu_seconds']:.4g} | "
-                     f"{base['cpu_seconds'] / c['cpu_seconds']:.3g}× | {ppl} |")
+                     f"{c['tokens_per_s']:.4g} | {ratios[0]} | {1e3 * c['cpu_seconds']:.4g} | {ratios[1]} | {ppl} |")
     lines += ["", "Duo fused + Greedy-Tail against AR, wall time (process CPU time):", "",
               "| L | B | AR ms | AR / Duo-8 | largest measured steps faster than AR | crossover steps (line fit) |",
               "|---|---|---|---|---|---|"]
@@ -273,7 +282,7 @@ def plot(result: dict, path: Path) -> bool:
         group = [c for c in cells if c["L"] == seq_len and c["B"] == batch]
         ppl = {(c["sampler"], c["ending"], c["steps"]): c["gen_ppl"] for c in cells
                if c["L"] == seq_len and "gen_ppl" in c}
-        ar = next(c for c in group if c["sampler"] == "AR")
+        ar = next((c for c in group if c["sampler"] == "AR"), None)
         for kind, ending in SAMPLERS:
             rows = sorted((c for c in group if c["sampler"] == kind and c["ending"] == ending),
                           key=lambda c: c["steps"])
@@ -282,7 +291,8 @@ def plot(result: dict, path: Path) -> bool:
             if keep:
                 ax.plot([k[0] for k in keep], [k[1] for k in keep], "-o", ms=4,
                         label=f"{kind}, {'Greedy-Tail' if ending == 'greedy' else 'ancestral'}")
-        ax.axvline(1e3 * ar["seconds"], color="k", ls="--", lw=1, label="AR with KV cache (latency)")
+        if ar is not None:
+            ax.axvline(1e3 * ar["seconds"], color="k", ls="--", lw=1, label="AR with KV cache (latency)")
         if with_quality and ppl.get(("AR", "", None)) is not None:
             ax.axhline(ppl[("AR", "", None)], color="k", ls=":", lw=1, label="AR Gen PPL")
         ax.set_xscale("log")
