@@ -14,8 +14,8 @@ descending, a token is kept while the mass before it is at most ``top_p``, as th
 does), by inverse CDF with one counter-based uniform per row.
 
 Every draw comes from ``seed``: batch ``b``'s step ``i`` uses seed ``(seed, "ar", b, i)``, row r its
-counter r, so the same seed gives the same text on any device, whatever the precision of the other
-batches. On a GPU the model runs under bf16 autocast (``precision="auto"``), the cache in bf16.
+counter r (:mod:`duo_kernels.rng`, the same numbers on every device), so the same seed gives the same
+text. On a GPU the model runs under bf16 autocast (``precision="auto"``), the cache in bf16.
 
 Command line: ``duo sample AR_RUN [temperature=0.8] [top_p=0.9] [greedy=true] [num_samples=...]``.
 """
