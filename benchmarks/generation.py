@@ -228,6 +228,10 @@ def summarize(cells: list[dict]) -> list[dict]:
     return out
 
 
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"{env['machine']}, torch {env['torch']}, {env['torch_threads']} torch threads, {env['precision']}, "
@@ -247,8 +251,9 @@ def markdown(result: dict) -> str:
         ppl = f"{c['gen_ppl']:.2f} | {c['entropy']:.3f}" if "gen_ppl" in c else "— | —"
         base = ar[(c["L"], c["B"])]
         ratios = [f"{base[key] / c[key]:.3g}×" if base["seconds"] else "n/a" for key in ("seconds", "cpu_seconds")]
-        lines.append(f"| {c['L']} | {c['B']} | {name} | {steps} | {c['calls']} | {1e3 * c['seconds']:.4g} | "
-                     f"{c['tokens_per_s']:.4g} | {ratios[0]} | {1e3 * c['cpu_seconds']:.4g} | {ratios[1]} | {ppl} |")
+        lines.append(f"| {c['L']} | {c['B']} | {name} | {steps} | {c['calls']} | {_number(1e3 * c['seconds'])} | "
+                     f"{_number(c['tokens_per_s'])} | {ratios[0]} | {_number(1e3 * c['cpu_seconds'])} | {ratios[1]} "
+                     f"| {ppl} |")
     lines += ["", "Duo fused + Greedy-Tail against AR, wall time (process CPU time):", "",
               "| L | B | AR ms | AR / Duo-8 | largest measured steps faster than AR | crossover steps (line fit) |",
               "|---|---|---|---|---|---|"]
@@ -257,7 +262,7 @@ def markdown(result: dict) -> str:
         return " (".join(fmt(row[f"{name}_{label}"]) for label in ("wall", "cpu")) + ")"
 
     for s in result["summary"]:
-        lines.append(f"| {s['L']} | {s['B']} | {1e3 * s['ar_seconds']:.4g} | "
+        lines.append(f"| {s['L']} | {s['B']} | {_number(1e3 * s['ar_seconds'])} | "
                      f"{both(s, 'ar_over_duo8', lambda v: 'n/a' if v is None else f'{v:.3g}×')} | "
                      f"{both(s, 'largest_faster_steps', lambda v: str(v or 'none'))} | "
                      f"{both(s, 'crossover_steps_fit', lambda v: 'n/a' if v is None else f'{v:.0f}')} |")
