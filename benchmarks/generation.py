@@ -158,8 +158,8 @@ def run(args) -> dict:
     mode = "smoke" if args.smoke else ("cpu" if args.cpu or not torch.cuda.is_available() else "gpu")
     device = torch.device("cuda" if mode == "gpu" else "cpu")
     preset, overrides, vocab_size, lengths = SIZES[mode]
-    steps_grid = (8, 4) if mode == "smoke" else STEPS
-    batches = (1, 2) if mode == "smoke" else BATCHES
+    steps_grid = args.steps or ((8, 4) if mode == "smoke" else STEPS)
+    batches = args.batches or ((1, 2) if mode == "smoke" else BATCHES)
     max_token_calls = args.max_token_calls if args.max_token_calls is not None else (
         2**18 if mode == "cpu" else None)
     tokenizer = judge = None
@@ -312,6 +312,10 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="DiT-demo, L = 128 and 512, on the CPU")
@@ -320,6 +324,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ar", help="an AR run (`duo train algo=ar`) of the same DiT size as --duo")
     parser.add_argument("--judge", help="an AR run that scores the samples (Gen PPL)")
     parser.add_argument("--seq-len", type=int, default=0, help="one sequence length instead of the mode's")
+    parser.add_argument("--steps", type=_ints, default=None, help="Duo step counts, e.g. 16,8,4 (default: "
+                        "1024,256,64,16,8,4)")
+    parser.add_argument("--batches", type=_ints, default=None, help="batch sizes, e.g. 1 (default: 1,32)")
     parser.add_argument("--max-token-calls", type=int, default=None,
                         help="skip Duo cells with steps x B x L above this (default: 2^18 with --cpu, none else)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median)")
