@@ -35,7 +35,8 @@ from duo_model.runtime import autocast_context, derive_seed, setup_distributed
 from duo_model.sample import SampleConfig, decode, sample_in_batches, write_samples
 
 # Settings of `duo sample` that only the diffusion sampler reads; an AR run rejects changed ones.
-DIFFUSION_ONLY = ("steps", "recipe", "noise_removal", "time_profile", "kappa", "high_frac", "middle_frac", "eps")
+DIFFUSION_ONLY = ("checkpoint", "steps", "recipe", "noise_removal", "time_profile", "kappa", "high_frac",
+                  "middle_frac", "eps")
 AR_ONLY = ("temperature", "greedy")
 
 
