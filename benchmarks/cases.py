@@ -24,6 +24,8 @@ Adding a row::
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -524,18 +526,25 @@ def _published_step(logits, z_t, alpha_t, alpha_s, *, kappa=1.0, top_p=1.0, seed
     return published_ancestral_step(logits, z_t, alpha_t, alpha_s, top_p)
 
 
+@contextlib.contextmanager
+def published_sampler(enabled: bool = True):
+    """duo_model's sampler with ``published_ancestral_step`` in place of the fused step, inside the block."""
+    if enabled:
+        model_ops.ancestral_step = _published_step
+    try:
+        yield
+    finally:
+        model_ops.use("auto")
+
+
 def _e2e_sample(inputs: Inputs, published: bool):
     from duo_model.sample import generate
 
-    if published:
-        model_ops.ancestral_step = _published_step
-    try:
+    with published_sampler(published):
         shape = inputs["shape"]
         ids, _ = generate(inputs["model"], num_samples=shape["B"], seq_len=shape["L"], steps=8, seed=0,
                           batch_size=shape["B"], device=inputs["device"])
         return ids
-    finally:
-        model_ops.use("auto")
 
 
 def _register_sampling(name: str, make_inputs, target: str, shape: Shape) -> None:
@@ -585,6 +594,39 @@ def _published_sample_inputs(shape: Shape, device: torch.device) -> Inputs:
 
 _register_sampling("sample 8 steps + Greedy-Tail published DiT-small B=32", _published_sample_inputs,
                    "time per batch, recorded next to the published sampler's", dict(B=32, L=1024, V=50258, d=768))
+
+# Latency of one sequence of L = 1024 tokens from DiT-small at B = 1, bf16 autocast: Duo with 8 fused
+# steps and the Greedy-Tail (9 forward passes) against the autoregressive DiT of the same size with a
+# KV cache (duo_model.ar_sample.generate_ar: 1023 one-token calls); the speed-up is AR time / Duo time.
+# benchmarks/generation.py times the whole grid (step counts, batch 32, the published step, Gen PPL).
+
+
+def _generation_inputs(shape: Shape, device: torch.device) -> Inputs:
+    inputs = _e2e_sample_inputs(shape, device)
+    torch.manual_seed(0)
+    inputs["ar_model"] = DiT(dataclasses.replace(inputs["model"].config, causal=True)).to(device).eval()
+    return inputs
+
+
+def _generate_ar(inputs: Inputs):
+    from duo_model.ar_sample import generate_ar
+
+    shape = inputs["shape"]
+    return generate_ar(inputs["ar_model"], num_samples=shape["B"], seq_len=shape["L"], bos_id=0, seed=0,
+                       batch_size=shape["B"], device=inputs["device"])[0]
+
+
+register(Case(
+    name="generate Duo 8 steps + Greedy-Tail vs AR with KV cache DiT-small",
+    family="duo_model",
+    make_inputs=_generation_inputs,
+    fused=lambda i: _e2e_sample(i, published=False),
+    reference=_generate_ar,
+    # the 9 Duo forward passes reading the bf16 weights once each; a lower bound only
+    bytes_moved=lambda s: 9 * 2 * (2 * s["V"] * s["d"] + _e2e_blocks(s["d"]) * 12 * s["d"] ** 2),
+    target="≥ 3× lower latency than AR",
+    shape=dict(B=1, L=1024, V=50257, d=768),
+))
 
 # ---- losses ----------------------------------------------------------------------------------------
 # The reference side of every loss row is what the public Duo code runs: the NELBO and the KL in fp32

@@ -216,5 +216,5 @@ def test_missing_judge_or_checkpoint_is_a_clear_error(runs, tmp_path, capsys):
         evaluate_samples(str(tmp_path / "none.json"), EvalConfig(judge=str(runs / "judge")))
     assert main(["sample", str(tmp_path / "nowhere")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    assert main(["sample", str(runs / "judge"), f"out={tmp_path / 'x.json'}"]) == 2
-    assert "samples Duo models" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="samples Duo models"):  # `duo sample` sends AR runs to ar_sample
+        sample_checkpoint(str(runs / "judge"), SampleConfig(out=str(tmp_path / "x.json")))
