@@ -41,6 +41,9 @@ from duo_kernels.rng import resolve_seed, seed_from_int64, seed_to_int64
 
 # The GPU kernels keep a token's k order statistics and shuffle records in registers / local memory.
 MAX_DEVICE_K = 128
+# The smallest temperature: every backend scales the drawn coordinates (|w| < 10) by 1 / tau in float64,
+# which must stay finite.
+MIN_TAU = 1e-300
 
 
 def _native_topk(x0, gamma, vocab_size, k, tau, reference_compat, seed):
@@ -98,7 +101,8 @@ def tempered_softmax_topk(x0: torch.Tensor, gamma, vocab_size: int, k: int, tau:
         vocab_size: V >= 2.
         k: number of visible coordinates, in [1, V - 1] ([2, V - 1] with ``reference_compat``);
             ``impl="cuda"`` and ``"triton"`` take k <= 128.
-        tau: softmax temperature > 0 (the paper runs use 1e-3).
+        tau: softmax temperature in [MIN_TAU, inf), MIN_TAU = 1e-300 (the paper runs use 1e-3, then
+            1e-10).
         reference_compat: reproduce the published sampler's rule (default False).
         seed, generator: see :func:`duo_kernels.rng.resolve_seed`.
         impl: backend (:mod:`duo_kernels._dispatch`).
@@ -121,6 +125,8 @@ def tempered_softmax_topk(x0: torch.Tensor, gamma, vocab_size: int, k: int, tau:
     vocab_size = _check_tokens(x0, vocab_size)
     k = _check_k(k, vocab_size, reference_compat)
     tau = _validate.check_positive_number("tau", tau)
+    if tau < MIN_TAU:
+        raise ValueError(f"tau must be >= {MIN_TAU} (the coordinates scaled by 1 / tau must stay finite), got {tau}")
     gamma = _log_snr("gamma", gamma, x0.shape, x0.device)
     seed = resolve_seed(seed, generator)
     kernels = _TOPK
