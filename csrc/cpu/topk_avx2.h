@@ -316,8 +316,9 @@ DUO_AVX2 vd shifted_exp(vd v, vd m, vd below) {
 // its first token, whose results are dropped), every phase as vector code over the 4 tokens: block 0,
 // the k order statistics, the Fisher-Yates lookups, the slots, the tail and the weights, in the
 // order of operations of duo::tempered_softmax_topk_token. `scratch`: topk_scratch_doubles(k)
-// doubles, 32-byte aligned.
-__attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
+// doubles, 32-byte aligned. Returns bit 0 if an x0 is outside [0, V), bit 1 if a gamma is not finite
+// (kBadId and kBadGamma of cpu/kernels.h).
+__attribute__((target("avx2,fma"))) inline int tempered_softmax_topk_tokens(
     const TopkConfig& cfg, int64_t begin, int64_t end, const int64_t* x0, const PerToken& gamma, int64_t length,
     double* scratch, int64_t* out_ids, float* out_weights, int64_t* out_z) {
   const int k = cfg.k;
@@ -339,6 +340,7 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
   const vd inv_tau = set(cfg.inv_tau);
   const Keys keys = round_keys(cfg.seed);
   const bool compat = cfg.reference_compat;
+  int bad = 0;
   for (int64_t t0 = begin; t0 < end; t0 += 4) {
     const int lanes = end - t0 < 4 ? static_cast<int>(end - t0) : 4;
     for (int l = 0; l < lanes; ++l, gamma_at.next()) {
@@ -346,10 +348,12 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
       if (!(gamma_t == last_gamma)) {
         std_dev = gaussian_std(gamma_t);
         last_gamma = gamma_t;
+        bad |= std::isfinite(gamma_t) ? 0 : 2;
       }
       a_tilde[l] = std_dev.a_tilde;
       s_tilde[l] = std_dev.s_tilde;
       lane_x[l] = x0[t0 + l];
+      bad |= static_cast<uint64_t>(lane_x[l]) < static_cast<uint64_t>(cfg.vocab_size) ? 0 : 1;
     }
     for (int l = lanes; l < 4; ++l) {
       a_tilde[l] = a_tilde[0];
@@ -507,6 +511,7 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
       out_z[tl] = lane_x[l];
     }
   }
+  return bad;
 }
 
 // Doubles of scratch tempered_softmax_topk_tokens needs at k.
