@@ -24,8 +24,8 @@ namespace duo::cpu {
 static_assert(kBadId == 1 && kBadGamma == 2, "the bits tempered_softmax_topk_tokens returns");
 
 int64_t tempered_softmax_topk(at::Tensor& ids, at::Tensor& weights, at::Tensor& z_t, const at::Tensor& x0,
-                           const at::Tensor& gamma, int64_t vocab_size, int64_t k, double inv_tau,
-                           bool reference_compat, uint64_t seed) {
+                              const at::Tensor& gamma, int64_t vocab_size, int64_t k, double inv_tau,
+                              bool reference_compat, uint64_t seed) {
   const int64_t num_tokens = x0.numel();
   const TopkConfig cfg = make_topk_config(seed, num_tokens, vocab_size, static_cast<int>(k), inv_tau, reference_compat);
   const int64_t* x = x0.data_ptr<int64_t>();

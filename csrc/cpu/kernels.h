@@ -20,8 +20,8 @@ void usdm_forward(at::Tensor& z_t, const at::Tensor& x0, const at::Tensor& alpha
 // gamma (the outputs are then meaningless).
 constexpr int kBadId = 1, kBadGamma = 2;
 int64_t tempered_softmax_topk(at::Tensor& ids, at::Tensor& weights, at::Tensor& z_t, const at::Tensor& x0,
-                           const at::Tensor& gamma, int64_t vocab_size, int64_t k, double inv_tau,
-                           bool reference_compat, uint64_t seed);
+                              const at::Tensor& gamma, int64_t vocab_size, int64_t k, double inv_tau,
+                              bool reference_compat, uint64_t seed);
 
 // The fused sampling step (csrc/cpu/sampling.cpp): logits (B, L, V) float16 / bfloat16 / float32 /
 // float64, any strides; z_t (B, L) int64 contiguous; alpha_t, alpha_s, kappa (B, L) float64, any
