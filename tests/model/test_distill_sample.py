@@ -122,7 +122,8 @@ def test_distill_run_writes_a_sampleable_checkpoint_and_resumes_exactly(runs, ca
     distill(distill_config(runs, cache, tmp_path / "split", save_every=6, keep_checkpoints=0))
     checkpoints = tmp_path / "split" / "checkpoints"
     shutil.rmtree(checkpoints / "step-00000012")
-    (checkpoints / "latest.json").write_text(json.dumps({"path": "step-00000006"}))
+    pointer = json.loads((checkpoints / "latest.json").read_text())
+    (checkpoints / "latest.json").write_text(json.dumps({**pointer, "step": 6, "path": "step-00000006"}))
     with pytest.raises(CheckpointError, match="resume with the same ones"):
         distill(distill_config(runs, cache, tmp_path / "split", max_steps=24), resume=True)
     resumed = distill(distill_config(runs, cache, tmp_path / "split", save_every=6), resume=True)
@@ -144,7 +145,7 @@ def test_student_ema_and_noise_window_options(runs, cache, tmp_path):
     student's weights; with no gamma window given, the run uses gamma_window of DCD's alpha range."""
     base = read_checkpoint(runs / "duo")
     n = base["state"]["ema_updates"]
-    kwargs = dict(max_steps=1, rounds=1, lr=0.0, init_weights="raw")
+    kwargs = dict(max_steps=1, rounds=1, lr=1e-30, init_weights="raw")  # the student stays at its start
     distill(distill_config(runs, cache, tmp_path / "carry", student_ema="carry", **kwargs))
     distill(distill_config(runs, cache, tmp_path / "restart", **kwargs))
     carry, restart = read_checkpoint(tmp_path / "carry"), read_checkpoint(tmp_path / "restart")
@@ -161,13 +162,15 @@ def test_student_ema_and_noise_window_options(runs, cache, tmp_path):
 def test_distill_errors(runs, cache, tmp_path):
     with pytest.raises(ConfigError, match="init="):
         distill(distill_config(runs, cache, tmp_path / "a", init=""))
-    with pytest.raises(CheckpointError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="init=.*missing does not exist"):
         distill(distill_config(runs, cache, tmp_path / "b", init=str(tmp_path / "missing")))
+    with pytest.raises(CheckpointError, match="init=.*: no checkpoint"):
+        distill(distill_config(runs, cache, tmp_path / "b", init=str(tmp_path)))
     with pytest.raises(CheckpointError, match="algo=ar"):
         distill(distill_config(runs, cache, tmp_path / "c", init=str(runs / "judge")))
     with pytest.raises(ConfigError, match="rounds=13 exceeds max_steps=12"):
         distill(distill_config(runs, cache, tmp_path / "d", rounds=13))
-    with pytest.raises(ConfigError, match="final_dt=0.0: must be in"):
+    with pytest.raises(ConfigError, match=r"final_dt=0.0: must lie in \(0, 1\]"):
         distill(distill_config(runs, cache, tmp_path / "e", final_dt=0.0))
     with pytest.raises(ConfigError, match="give both gamma_min and gamma_max"):
         distill(distill_config(runs, cache, tmp_path / "f", gamma_min=-3.0))
@@ -285,5 +288,5 @@ def test_missing_judge_or_checkpoint_is_a_clear_error(runs, tmp_path, capsys):
         evaluate_samples(str(tmp_path / "none.json"), EvalConfig(judge=str(runs / "judge")))
     assert main(["sample", str(tmp_path / "nowhere")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    assert main(["sample", str(runs / "judge"), f"out={tmp_path / 'x.json'}"]) == 2
-    assert "samples Duo models" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="samples Duo models"):  # `duo sample` sends AR runs to ar_sample
+        sample_checkpoint(str(runs / "judge"), SampleConfig(out=str(tmp_path / "x.json")))
