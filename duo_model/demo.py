@@ -298,7 +298,8 @@ def verdicts(results: dict) -> dict:
     val = results["val_ppl"]
     held = val["duo"] < val["duo-none"]
     claim1 = (f"Claim 1 (curriculum helps training): {'HELD' if held else 'DID NOT HOLD'} in this run (one training "
-              f"seed): final val PPL {val['duo']:.2f} with the curriculum vs {val['duo-none']:.2f} without.")
+              f"seed): final val PPL {val['duo']:.3f} with the curriculum vs {val['duo-none']:.3f} without "
+              f"({val['duo'] / val['duo-none'] - 1:+.1%}).")
     rows = results["rows"]
     most = max(results["sizes"]["sample_steps"])
     dcd = _find(rows, MODELS["dcd"], 8)
