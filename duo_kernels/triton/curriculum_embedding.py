@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from duo_kernels._dispatch import triton_interpreted
 from duo_kernels.triton.rng import box_muller, uniform24
+from duo_kernels.triton.target import gpu_capability
 
 
 # Loop bounds. The Triton 3.6 interpreter turns a runtime ``range(n)`` bound into a Python int through
@@ -196,10 +196,10 @@ def _noise(seed, counters):
     return box_muller(uniform24(w0), uniform24(w1)).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dense_fwd_kernel(x_ptr, a_ptr, s_ptr, a_tau_ptr, s_tau_ptr, c_ptr, e_ptr,
                       h_ptr, z_ptr, m_ptr, lse_ptr, px_ptr,
-                      seed, N, V: tl.constexpr, D, stride_ev,
+                      seed: tl.uint64, N, V: tl.constexpr, D, stride_ev,
                       PRECISION: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
     """One program: BT tokens x BD columns of h; loops over the vocabulary in tiles of BV.
 
@@ -268,9 +268,9 @@ def _dense_fwd_kernel(x_ptr, a_ptr, s_ptr, a_tau_ptr, s_tau_ptr, c_ptr, e_ptr,
     tl.store(px_ptr + o_t, b_ex * b_inv, mask=m_first)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dense_bwd_kernel(x_ptr, c_ptr, m_ptr, lse_ptr, px_ptr, dh_ptr, de_ptr,
-                      seed, N, V, D,
+                      seed: tl.uint64, N, V, D,
                       PRECISION: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
     """dE[tile] = P[:, tile]^T @ dh for one (BV rows, BD columns) tile of dE, over all tokens in order."""
     o_v = tl.program_id(0).to(tl.int64) * BV + tl.arange(0, BV)
@@ -301,12 +301,12 @@ def _dense_bwd_kernel(x_ptr, c_ptr, m_ptr, lse_ptr, px_ptr, dh_ptr, de_ptr,
     tl.store(de_ptr + o_v[:, None] * D + o_d[None, :], b_de, mask=m_v[:, None] & m_d[None, :])
 
 
-def _dense_tiles(d: int) -> dict:
+def _dense_tiles(d: int, device) -> dict:
     """Tile sizes: small under the interpreter (~1 ms per program step). On a GPU: 64 x 64 score tiles
     and d tiles of up to 256 columns (d = 768 runs as 3 d tiles, each repeating the RNG work), two
     pipeline stages so that a [64, 256] fp32 operand tile (64 KiB) fits shared memory twice.
     [Untuned: no GPU was available when this was written.]"""
-    if triton_interpreted():
+    if not gpu_capability(device):
         return dict(BT=16, BV=64, BD=_pow2(d, hi=64), num_warps=4, num_stages=1)
     return dict(BT=64, BV=64, BD=_pow2(d, hi=256), num_warps=8, num_stages=2)
 
@@ -334,7 +334,7 @@ def dense_forward(x: torch.Tensor, a_tilde: torch.Tensor, s_tilde: torch.Tensor,
     z = torch.empty(n, dtype=torch.int64, device=device)
     stats = torch.empty(3, n, dtype=torch.float32, device=device)  # m, lse, p_x
     if n:
-        tiles = _dense_tiles(d)
+        tiles = _dense_tiles(d, device)
         grid = (triton.cdiv(n, tiles["BT"]), triton.cdiv(d, tiles["BD"]))
         _dense_fwd_kernel[grid](x, a_tilde, s_tilde, a_tau, s_tau, c, weight, h, z, stats[0], stats[1], stats[2],
                                 seed, n, v, d, weight.stride(0), PRECISION=matmul_precision(), **tiles)
@@ -347,7 +347,7 @@ def dense_backward(dh: torch.Tensor, x: torch.Tensor, saved, vocab_size: int, se
     n, d = dh.shape
     dh = dh.to(torch.float32).contiguous()
     d_weight = torch.empty(vocab_size, d, dtype=torch.float32, device=dh.device)
-    tiles = _dense_tiles(d)
+    tiles = _dense_tiles(d, dh.device)
     grid = (triton.cdiv(vocab_size, tiles["BV"]), triton.cdiv(d, tiles["BD"]))
     _dense_bwd_kernel[grid](x, c, stats[0], stats[1], stats[2], dh, d_weight, seed, n, vocab_size, d,
                             PRECISION=matmul_precision(), **tiles)

@@ -187,7 +187,7 @@ def dcd_kl_forward(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Ten
     if n:
         _dcd_kl_fwd_kernel[(n,)](
             p, q, keep if keep is not None else loss, loss, stats, p.stride(0), p.stride(1), q.stride(0),
-            q.stride(1), l, vocab_size, HAS_KEEP=keep is not None, BLOCK_V=block_v(vocab_size),
+            q.stride(1), l, vocab_size, HAS_KEEP=keep is not None, BLOCK_V=block_v(vocab_size, p.device),
             num_warps=NUM_WARPS)
     return loss, stats
 
@@ -202,6 +202,6 @@ def dcd_kl_backward(grad_loss: torch.Tensor, student: torch.Tensor, teacher: tor
         _dcd_kl_bwd_kernel[(b * l,)](
             grad_loss, student, teacher, keep if keep is not None else grad_loss, stats, dstudent, student.stride(0),
             student.stride(1), teacher.stride(0), teacher.stride(1), l, vocab_size, REVERSE=reverse,
-            HAS_KEEP=keep is not None, BLOCK_V=block_v(vocab_size), num_warps=NUM_WARPS)
+            HAS_KEEP=keep is not None, BLOCK_V=block_v(vocab_size, student.device), num_warps=NUM_WARPS)
     return dstudent
 

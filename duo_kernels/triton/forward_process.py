@@ -23,9 +23,10 @@ def _per_token(p_ptr, stride_b, stride_l, o_t, length, m_t):
     return tl.load(p_ptr + (o_t // length) * stride_b + (o_t % length) * stride_l, mask=m_t, other=0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _gaussian_argmax_kernel(x_ptr, z_t_ptr, z_s_ptr, g_t_ptr, g_t_sb, g_t_sl, g_s_ptr, g_s_sb, g_s_sl,
-                            num_tokens, length, vocab_size, seed, PAIR: tl.constexpr, BLOCK: tl.constexpr):
+                            num_tokens, length, vocab_size, seed: tl.uint64,
+                            PAIR: tl.constexpr, BLOCK: tl.constexpr):
     o_t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m_t = o_t < num_tokens
     b_x = tl.load(x_ptr + o_t, mask=m_t, other=0)
@@ -42,8 +43,8 @@ def _gaussian_argmax_kernel(x_ptr, z_t_ptr, z_s_ptr, g_t_ptr, g_t_sb, g_t_sl, g_
         tl.store(z_s_ptr + o_t, tl.where(b_n + tl.exp(-b_g / 2) > b_m, b_x, b_j), mask=m_t)
 
 
-@triton.jit
-def _usdm_forward_kernel(x_ptr, z_ptr, a_ptr, a_sb, a_sl, num_tokens, length, vocab_size, seed,
+@triton.jit(do_not_specialize=["seed"])
+def _usdm_forward_kernel(x_ptr, z_ptr, a_ptr, a_sb, a_sl, num_tokens, length, vocab_size, seed: tl.uint64,
                          BLOCK: tl.constexpr):
     o_t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m_t = o_t < num_tokens

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from duo_kernels._dispatch import triton_interpreted
+from duo_kernels.triton.target import gpu_capability
 
 # 4096 fp32 lanes: 16 per thread at 8 warps, 13 tiles per row at V = 50258. [unmeasured on GPU]
 # The interpreter's cost is per op rather than per element: 65536-lane tiles run a V = 151936 row 4x
@@ -200,8 +200,8 @@ def _usdm_nelbo_bwd_kernel(p_grad, p_logits, p_z, p_x0, p_alpha, p_dalpha, p_kee
         tl.store(p_drow + o_k, b_d.to(p_dlogits.dtype.element_ty), mask=m_v)
 
 
-def block_v(vocab_size: int) -> int:
-    block = INTERPRETER_BLOCK_V if triton_interpreted() else BLOCK_V
+def block_v(vocab_size: int, device) -> int:
+    block = BLOCK_V if gpu_capability(device) else INTERPRETER_BLOCK_V
     return min(block, triton.next_power_of_2(vocab_size))
 
 
@@ -224,7 +224,7 @@ def usdm_nelbo_forward(logits: torch.Tensor, z_t: torch.Tensor, x0: torch.Tensor
     if n:
         _usdm_nelbo_fwd_kernel[(n,)](
             logits, z_t, x0, alpha_t, dalpha_t, _keep_or(keep, loss), loss, stats, logits.stride(0),
-            logits.stride(1), l, vocab_size, HAS_KEEP=keep is not None, BLOCK_V=block_v(vocab_size),
+            logits.stride(1), l, vocab_size, HAS_KEEP=keep is not None, BLOCK_V=block_v(vocab_size, logits.device),
             num_warps=NUM_WARPS)
     return loss, stats
 
@@ -239,5 +239,5 @@ def usdm_nelbo_backward(grad_loss: torch.Tensor, logits: torch.Tensor, z_t: torc
         _usdm_nelbo_bwd_kernel[(b * l,)](
             grad_loss, logits, z_t, x0, alpha_t, dalpha_t, _keep_or(keep, grad_loss), stats, dlogits,
             logits.stride(0), logits.stride(1), l, vocab_size, HAS_KEEP=keep is not None,
-            BLOCK_V=block_v(vocab_size), num_warps=NUM_WARPS)
+            BLOCK_V=block_v(vocab_size, logits.device), num_warps=NUM_WARPS)
     return dlogits
