@@ -32,6 +32,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -258,11 +259,13 @@ def compile_launch(launch: dict) -> dict:
         return {**row, **json.loads(cached.read_text())}
     knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
+    start = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                       options=options.__dict__)
-        result = {**parse_ptxas(log.getvalue()), "smem": compiled.metadata.shared, "error": ""}
+        result = {**parse_ptxas(log.getvalue()), "smem": compiled.metadata.shared, "error": "",
+                  "seconds": round(time.perf_counter() - start, 1)}
     except Exception as exc:  # the gate reports every failure in its table
         return {**row, "error": f"{type(exc).__name__}: {exc}"[:2000]}
     cache.mkdir(parents=True, exist_ok=True)
@@ -304,10 +307,7 @@ CUDA_SPILL_BUDGETS: dict[str, int] = {}
 
 def nvcc_resources(source: Path, arch: int, nvcc: str = "nvcc") -> list[dict]:
     """One row per kernel of ``source`` compiled for ``sm_{arch}`` with ``-Xptxas -v``."""
-    import torch.utils.cpp_extension as ext
-
-    includes = [f"-I{p}" for p in ext.include_paths(device_type="cuda")] + [f"-I{ROOT / 'csrc' / 'include'}",
-                                                                          f"-I{ROOT / 'csrc'}"]
+    includes = [f"-I{ROOT / 'csrc' / 'include'}"]  # the CUDA sources need no torch headers
     cmd = [nvcc, "-c", str(source), "-o", os.devnull, f"-arch=sm_{arch}", "-O3", "-std=c++17", "-Xptxas", "-v",
            "--expt-relaxed-constexpr", *includes]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -324,8 +324,8 @@ def nvcc_resources(source: Path, arch: int, nvcc: str = "nvcc") -> list[dict]:
 
 def _demangle(name: str) -> str:
     done = subprocess.run(["c++filt", name], capture_output=True, text=True)
-    full = done.stdout.strip() or name
-    return re.sub(r"\(.*", "", full.split("<")[0]).replace("void ", "")
+    full = (done.stdout.strip() or name).replace("(anonymous namespace)::", "").removeprefix("void ")
+    return full.split("(")[0]
 
 
 # ---- the table -------------------------------------------------------------------------------------------
