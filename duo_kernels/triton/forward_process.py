@@ -14,8 +14,13 @@ import triton.language as tl
 
 from duo_kernels.triton.normal import normal_order_statistic
 from duo_kernels.triton.rng import box_muller, randint32_below, uniform24
+from duo_kernels.triton.target import gpu_capability
 
-BLOCK = 1024
+# Tokens per program. On a GPU 256 (2 per thread at 4 warps): with 1024, the float64 order statistic of
+# 8 tokens per thread spilled 1.8 KB per thread on sm_90 (compile gate, tests/test_compile_gate.py);
+# 256 needs 132 registers and no spills. The interpreter pays per program, so it takes 1024.
+GPU_BLOCK = 256
+INTERPRETER_BLOCK = 1024
 
 
 @triton.jit
@@ -55,15 +60,18 @@ def _usdm_forward_kernel(x_ptr, z_ptr, a_ptr, a_sb, a_sl, num_tokens, length, vo
     tl.store(z_ptr + o_t, tl.where(move, randint32_below(w1, vocab_size), b_x), mask=m_t)
 
 
-def _grid(num_tokens: int):
-    return (triton.cdiv(num_tokens, BLOCK),)
+def _launch(x0: torch.Tensor) -> tuple[tuple[int], int]:
+    """(grid, BLOCK) for the tokens of ``x0``."""
+    block = GPU_BLOCK if gpu_capability(x0.device) else INTERPRETER_BLOCK
+    return (triton.cdiv(x0.numel(), block),), block
 
 
 def gaussian_argmax(x0: torch.Tensor, gamma: torch.Tensor, vocab_size: int, seed: int) -> torch.Tensor:
     z_t = torch.empty_like(x0)
     if x0.numel():
-        _gaussian_argmax_kernel[_grid(x0.numel())](x0, z_t, z_t, gamma, *gamma.stride(), gamma, *gamma.stride(),
-                                                   x0.numel(), x0.shape[1], vocab_size, seed, PAIR=False, BLOCK=BLOCK)
+        grid, block = _launch(x0)
+        _gaussian_argmax_kernel[grid](x0, z_t, z_t, gamma, *gamma.stride(), gamma, *gamma.stride(),
+                                      x0.numel(), x0.shape[1], vocab_size, seed, PAIR=False, BLOCK=block)
     return z_t
 
 
@@ -71,15 +79,16 @@ def gaussian_argmax_pair(x0: torch.Tensor, gamma_t: torch.Tensor, gamma_s: torch
                          seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     z_t, z_s = torch.empty_like(x0), torch.empty_like(x0)
     if x0.numel():
-        _gaussian_argmax_kernel[_grid(x0.numel())](x0, z_t, z_s, gamma_t, *gamma_t.stride(), gamma_s,
-                                                   *gamma_s.stride(), x0.numel(), x0.shape[1], vocab_size, seed,
-                                                   PAIR=True, BLOCK=BLOCK)
+        grid, block = _launch(x0)
+        _gaussian_argmax_kernel[grid](x0, z_t, z_s, gamma_t, *gamma_t.stride(), gamma_s, *gamma_s.stride(),
+                                      x0.numel(), x0.shape[1], vocab_size, seed, PAIR=True, BLOCK=block)
     return z_t, z_s
 
 
 def usdm_forward(x0: torch.Tensor, alpha: torch.Tensor, vocab_size: int, seed: int) -> torch.Tensor:
     z_t = torch.empty_like(x0)
     if x0.numel():
-        _usdm_forward_kernel[_grid(x0.numel())](x0, z_t, alpha, *alpha.stride(), x0.numel(), x0.shape[1],
-                                                vocab_size, seed, BLOCK=BLOCK)
+        grid, block = _launch(x0)
+        _usdm_forward_kernel[grid](x0, z_t, alpha, *alpha.stride(), x0.numel(), x0.shape[1], vocab_size, seed,
+                                   BLOCK=block)
     return z_t

@@ -57,6 +57,15 @@ from duo_kernels.triton.target import gpu_capability
 # online log-sum-exp across tiles.
 # V is a constexpr: the interpreter (numpy 2) cannot loop to a runtime bound, and a fixed trip count
 # costs one compile per vocabulary size.
+# Rows of odd length (V = 50257, a contiguous (B, L, V) tensor) start at 2-byte-aligned addresses: Triton
+# cannot prove 16-byte alignment of ``p_row + o_k`` and emits one 16-bit load per element (here, in the
+# DCD and in the sampling kernels); V = 151936 (divisible by 16) gets 128-bit loads. Not measured: no
+# GPU was available. Why it likely costs little: a warp's scalar loads of adjacent elements fall in the
+# same 32-byte sectors, so DRAM traffic is the same and only the load-instruction count grows (8x for
+# bf16), in kernels that are bandwidth-bound at 16 lanes per thread. If the GPU report shows these rows
+# far from their memory floor, the remedy needs no kernel change: the kernels take strides, so logits
+# of a vocabulary padded to a multiple of 64 (e.g. 50304) and sliced to V keep a 16-divisible row
+# stride, which Triton specialises on (the alignment its vectorised loads need; unverified on a GPU).
 BLOCK_V = 4096
 INTERPRETER_BLOCK_V = 65536
 NUM_WARPS = 8
