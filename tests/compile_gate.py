@@ -308,7 +308,7 @@ CUDA_SPILL_BUDGETS: dict[str, int] = {}
 def nvcc_resources(source: Path, arch: int, nvcc: str = "nvcc") -> list[dict]:
     """One row per kernel of ``source`` compiled for ``sm_{arch}`` with ``-Xptxas -v``."""
     includes = [f"-I{ROOT / 'csrc' / 'include'}"]  # the CUDA sources need no torch headers
-    cmd = [nvcc, "-c", str(source), "-o", os.devnull, f"-arch=sm_{arch}", "-O3", "-std=c++17", "-Xptxas", "-v",
+    cmd = [nvcc, "-cubin", str(source), "-o", os.devnull, f"-arch=sm_{arch}", "-O3", "-std=c++17", "-Xptxas", "-v",
            "--expt-relaxed-constexpr", *includes]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:

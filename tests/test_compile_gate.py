@@ -89,6 +89,8 @@ def test_compile_gate(tmp_path):
         for source in sorted((gate.ROOT / "csrc" / "cuda").glob("*.cu")):
             for arch in NVCC_ARCHS:
                 rows += gate.nvcc_resources(source, arch)
+    else:
+        print("\nnvcc not found: csrc/cuda/*.cu not compiled")
     print("\n" + gate.table(rows))
     problems = gate.failures(rows)
     assert not problems, "\n".join(problems)
