@@ -538,17 +538,53 @@ def _e2e_sample(inputs: Inputs, published: bool):
         model_ops.use("auto")
 
 
-register(Case(
-    name="sample 8 steps + Greedy-Tail DiT-small",
-    family="duo_model",
-    make_inputs=_e2e_sample_inputs,
-    fused=lambda i: _e2e_sample(i, published=False),
-    reference=lambda i: _e2e_sample(i, published=True),
-    # 9 forward passes reading the bf16 weights once each; a lower bound only (compute-bound)
-    bytes_moved=lambda s: 9 * 2 * (2 * s["V"] * s["d"] + _e2e_blocks(s["d"]) * 12 * s["d"] ** 2),
-    target="≥ 2× reference sampler (PERF-TARGETS)",
-    shape=dict(SAMPLING_SHAPE),
-))
+def _register_sampling(name: str, make_inputs, target: str, shape: Shape) -> None:
+    """A sampling run of ``generate``: the fused step against the published sampler's step."""
+    register(Case(
+        name=name,
+        family="duo_model",
+        make_inputs=make_inputs,
+        fused=lambda i: _e2e_sample(i, published=False),
+        reference=lambda i: _e2e_sample(i, published=True),
+        # 9 forward passes reading the bf16 weights once each; a lower bound only (compute-bound)
+        bytes_moved=lambda s: 9 * 2 * (2 * s["V"] * s["d"] + _e2e_blocks(s["d"]) * 12 * s["d"] ** 2),
+        target=target,
+        shape=shape,
+    ))
+
+
+_register_sampling("sample 8 steps + Greedy-Tail DiT-small", _e2e_sample_inputs,
+                   "≥ 2× reference sampler (PERF-TARGETS)", dict(SAMPLING_SHAPE))
+
+
+
+def _published_sample_inputs(shape: Shape, device: torch.device) -> Inputs:
+    """DiT-small with random weights (adaLN and head included), written in the published snapshot
+    layout and read back with ``duo_model.published.load_published``: the published models' path."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from duo_model.published import key_mapping, load_published
+
+    config = DiTConfig(vocab_size=shape["V"], d_model=shape["d"], n_blocks=_e2e_blocks(shape["d"]),
+                       n_heads=max(1, shape["d"] // 64), dropout=0.0)
+    torch.manual_seed(0)
+    weights = {name: torch.randn_like(p) * 0.02 for name, p in DiT(config).state_dict().items()}
+    with tempfile.TemporaryDirectory() as folder:
+        save_file({"backbone." + p: weights[o] for p, o in key_mapping(config.n_blocks)},
+                  str(Path(folder) / "model.safetensors"))
+        (Path(folder) / "config.json").write_text(json.dumps(
+            {"vocab_size": config.vocab_size, "hidden_dim": config.d_model, "cond_dim": config.cond_dim,
+             "n_blocks": config.n_blocks, "n_heads": config.n_heads, "model_length": shape["L"]}))
+        model, _ = load_published(folder, device=device)
+    return {"model": model, "shape": shape, "device": device}
+
+
+_register_sampling("sample 8 steps + Greedy-Tail published DiT-small B=32", _published_sample_inputs,
+                   "time per batch, recorded next to the published sampler's", dict(B=32, L=1024, V=50258, d=768))
 
 # ---- losses ----------------------------------------------------------------------------------------
 # The reference side of every loss row is what the public Duo code runs: the NELBO and the KL in fp32

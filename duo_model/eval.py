@@ -32,6 +32,7 @@ from duo_model.config import ConfigError, setting
 from duo_model.data import prepare_data
 from duo_model.dit import DiT
 from duo_model.loss import ARLoss, DuoLoss, Phase, antithetic_t, perplexity
+from duo_model.published import load_for_commands
 from duo_model.runtime import autocast_context, derive_seed, setup_distributed
 
 
@@ -39,6 +40,9 @@ from duo_model.runtime import autocast_context, derive_seed, setup_distributed
 class EvalConfig:
     """Every setting of ``duo eval`` (``key=value`` on the command line)."""
 
+    checkpoint: str = setting("", "a published Duo model instead of a run folder: hf:OWNER/NAME, a snapshot folder "
+                              "(config.json + model.safetensors) or a Lightning .ckpt of the Duo code; needs corpus=",
+                              group="Model")
     corpus: str = setting("", "text to evaluate on (default: the checkpoint's corpus), tokenized with the "
                           "checkpoint's tokenizer", group="Data")
     seq_len: int = setting(0, "tokens per sequence (0 = the checkpoint's)")
@@ -94,16 +98,25 @@ def mean_loss(loss_fn, sequences: torch.Tensor, *, batch_size: int, seed: int, d
     return float(totals[0]), int(totals[1])
 
 
-def evaluate_checkpoint(path: str, cfg: EvalConfig) -> dict:
-    """Score a run folder's latest checkpoint (or a checkpoint folder) as configured."""
+def evaluate_checkpoint(path: str | None, cfg: EvalConfig) -> dict:
+    """Score a run folder's latest checkpoint (or a checkpoint folder), or the published model
+    ``cfg.checkpoint``, as configured."""
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if bool(path) == bool(cfg.checkpoint):
+        raise ConfigError("give either a run or checkpoint folder (positional) or checkpoint=<published model>")
+    if cfg.checkpoint and not cfg.corpus:
+        raise ConfigError("a published model brings no corpus: give corpus=text:PATH or corpus=hf:NAME")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     env, device = setup_distributed(cfg.device)
     try:
-        model, info = load_model(path, ema=cfg.ema, device=device)
-        saved = info["config"]["train"]
+        if cfg.checkpoint:
+            model, info = load_for_commands(cfg.checkpoint, ema=cfg.ema, device=device)
+            saved = {"algo": "duo", "seq_len": info["seq_len"], "val_fraction": 0.05}
+        else:
+            model, info = load_model(path, ema=cfg.ema, device=device)
+            saved = info["config"]["train"]
         data = prepare_data(corpus=cfg.corpus or saved["corpus"], tokenizer=info["tokenizer"],
                             seq_len=cfg.seq_len or saved["seq_len"],
                             val_fraction=cfg.val_fraction or saved["val_fraction"], cache=cfg.cache_dir or None)

@@ -26,7 +26,9 @@ recipe          time profile                               kappa (high / middle 
 Every draw comes from ``seed``: sample batch ``b`` starts from ids of ``(seed, b)`` and step ``i``
 draws with seed ``(seed, b, i)``, so the same seed gives the same samples on any device count.
 
-Command line: ``duo sample RUN_OR_CHECKPOINT steps=8 [key=value ...]`` (see ``duo sample --help``).
+Command line: ``duo sample RUN_OR_CHECKPOINT steps=8 [key=value ...]``, or for a published Duo model
+``duo sample checkpoint=hf:s-sahoo/duo-distilled steps=8`` (:mod:`duo_model.published`; see
+``duo sample --help``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from duo_model.checkpoint import load_model
 from duo_model.config import ConfigError, setting
 from duo_model.dit import DiT
 from duo_model.loss import LOGLINEAR_EPS
+from duo_model.published import load_for_commands
 from duo_model.runtime import autocast_context, derive_seed, setup_distributed
 
 
@@ -72,6 +75,9 @@ RECIPES = {
 class SampleConfig:
     """Every setting of ``duo sample`` (``key=value`` on the command line)."""
 
+    checkpoint: str = setting("", "a published Duo model instead of a run folder: hf:OWNER/NAME (downloaded with "
+                              "huggingface_hub), a snapshot folder (config.json + model.safetensors) or a Lightning "
+                              ".ckpt of the Duo code (EMA weights unless ema=false)", group="Model")
     steps: int = setting(64, "sampler steps (network calls: steps + 1 with a noise-removal step)", group="Sampler")
     recipe: str = setting("ancestral", "sampler recipe (module docstring; duo-math §6.4)", tuple(RECIPES))
     noise_removal: str = setting("greedy", "last step at t = eps: greedy (argmax, the Greedy-Tail), ancestral (one "
@@ -183,21 +189,28 @@ def decode(tokenizer, ids: torch.Tensor) -> list[str]:
     return [tokenizer.decode(row.tolist()) for row in ids]
 
 
-def sample_checkpoint(path: str, cfg: SampleConfig) -> dict:
-    """Sample from a run folder's latest checkpoint (or a checkpoint folder), write ``cfg.out``, and
-    return the summary (everything but the samples)."""
+def sample_checkpoint(path: str | None, cfg: SampleConfig) -> dict:
+    """Sample from a run folder's latest checkpoint (or a checkpoint folder), or from the published
+    model ``cfg.checkpoint``; write ``cfg.out``, and return the summary (everything but the samples)."""
     for name in ("steps", "num_samples", "batch_size"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if bool(path) == bool(cfg.checkpoint):
+        raise ConfigError("give either a run or checkpoint folder (positional) or checkpoint=<published model>")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     _, device = setup_distributed(cfg.device)
-    model, info = load_model(path, ema=cfg.ema, device=device)
-    if info["config"]["train"]["algo"] != "duo":
-        raise ConfigError(f"checkpoint {info['path']} is an algo={info['config']['train']['algo']} model; "
-                          "duo sample samples Duo models")
+    if cfg.checkpoint:
+        model, info = load_for_commands(cfg.checkpoint, ema=cfg.ema, device=device)
+        info["decode"] = info["tokenizer"].batch_decode  # as the Duo code decodes its samples
+    else:
+        model, info = load_model(path, ema=cfg.ema, device=device)
+        if info["config"]["train"]["algo"] != "duo":
+            raise ConfigError(f"checkpoint {info['path']} is an algo={info['config']['train']['algo']} model; "
+                              "duo sample samples Duo models")
+        info.update(seq_len=info["config"]["train"]["seq_len"], decode=lambda ids: decode(info["tokenizer"], ids))
     recipe = resolve_recipe(cfg)
-    seq_len = cfg.seq_len or info["config"]["train"]["seq_len"]
+    seq_len = cfg.seq_len or info["seq_len"]
     ids, stats = generate(model, num_samples=cfg.num_samples, seq_len=seq_len, steps=cfg.steps, recipe=recipe,
                           noise_removal=cfg.noise_removal, eps=cfg.eps, seed=cfg.seed, batch_size=cfg.batch_size,
                           device=device, precision=cfg.precision)
@@ -205,7 +218,7 @@ def sample_checkpoint(path: str, cfg: SampleConfig) -> dict:
                "recipe": cfg.recipe, "sampler": recipe.__dict__, "noise_removal": cfg.noise_removal,
                "num_samples": cfg.num_samples, "seq_len": seq_len, "seed": cfg.seed, "device": str(device), **stats,
                "out": cfg.out}
-    write_samples(cfg.out, summary, ids, decode(info["tokenizer"], ids), info["tokenizer"].to_json())
+    write_samples(cfg.out, summary, ids, info["decode"](ids), info["tokenizer"].to_json())
     return summary
 
 

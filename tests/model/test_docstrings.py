@@ -6,7 +6,8 @@ import importlib
 import pytest
 import torch
 
-MODULES = ["duo_model.ops", "duo_model.dit", "duo_model.data", "duo_model.config", "duo_model.sample"]
+MODULES = ["duo_model.ops", "duo_model.dit", "duo_model.data", "duo_model.config", "duo_model.sample",
+           "duo_model.published"]
 
 
 @pytest.mark.parametrize("name", MODULES)
