@@ -42,11 +42,13 @@ def as_compiled(value, annotation: str = ""):
 
 
 @functools.cache
-def _annotations(fn) -> dict[str, str]:
+def _parameters(fn) -> tuple[list[str], dict[str, str]]:
+    """A kernel's parameter names and their normalised annotations."""
     from triton.runtime.jit import _normalize_ty
 
-    return {name: _normalize_ty(p.annotation) for name, p in inspect.signature(fn).parameters.items()
-            if p.annotation is not inspect.Parameter.empty}
+    parameters = inspect.signature(fn).parameters
+    return list(parameters), {name: _normalize_ty(p.annotation) for name, p in parameters.items()
+                              if p.annotation is not inspect.Parameter.empty}
 
 
 def install() -> None:
@@ -58,8 +60,7 @@ def install() -> None:
         return
 
     def run(self, *args, grid, warmup, **kwargs):
-        notes = _annotations(self.fn)
-        names = list(inspect.signature(self.fn).parameters)
+        names, notes = _parameters(self.fn)
 
         def convert(name, value):
             note = notes.get(name, "")
