@@ -252,7 +252,7 @@ def compile_launch(launch: dict) -> dict:
     options, signature, constexprs, attrs = kernel._pack_args(backend, dict(kwargs), bound, specialization, None)
     variant = {n: (s[0] if s[0] != "constexpr" else repr(bound[n])) for n, s in zip(signature, specialization)}
     row = {"kernel": launch["kernel"].rsplit(".", 1)[1], "target": launch["target"],
-           "variant": {k: v for k, v in variant.items() if not str(k).startswith("p_") and "ptr" not in k},
+           "variant": variant,
            "num_warps": options.num_warps, "num_stages": options.num_stages,
            "budget": getattr(module, "SPILL_BUDGETS", {}).get(kernel.fn.__name__, 0),
            "seed_dependent": _seed_check(kernel, backend, args, kwargs)}
@@ -361,8 +361,10 @@ def table(rows: list[dict]) -> str:
         if r.get("error"):
             lines.append(f"{r['kernel']:<42} {r['target']:>3} ERROR {r['error'].splitlines()[0][:120]}")
             continue
-        variant = ", ".join(f"{k}={v}" for k, v in r.get("variant", {}).items()
-                            if k[:1].isupper() or k in ("seed", "inv_tau", "top_p"))
+        pointers = "/".join(sorted({v[1:] for v in r.get("variant", {}).values() if str(v).startswith("*")}))
+        shown = [f"{k}={v}" for k, v in r.get("variant", {}).items()
+                 if k[:1].isupper() or k in ("seed", "inv_tau", "top_p")]
+        variant = ", ".join([f"*{pointers}"] * bool(pointers) + shown)
         lines.append(f"{r['kernel']:<42} {r['target']:>3} {r['registers']:>4} {r['stack']:>6} "
                      f"{r['spill_stores']:>6}/{r['spill_loads']:<6} {r['smem']:>7} {r['budget']:>6} "
                      f"{r.get('cpu_seconds', ''):>6}  w{r.get('num_warps', '')} s{r.get('num_stages', '')} {variant}")

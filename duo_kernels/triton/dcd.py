@@ -37,6 +37,12 @@ import triton.language as tl
 
 from duo_kernels.triton.nelbo import NUM_WARPS, block_v, log1p, lse_step, row_pointer
 
+# Spill budgets of the compile gate (tests/test_compile_gate.py), bytes per thread. The forward's
+# per-row float64 statistics divide 5 times (div.rn.f64); ptxas calls a slow-path subroutine for
+# that, and saving registers around the call costs 56-88 B of spill stores + loads on sm_80/89/90
+# (fp32 or 16-bit logits), once per row, not per element; 2048-lane tiles did not remove them.
+SPILL_BUDGETS = {"_dcd_kl_fwd_kernel": 88}
+
 
 @triton.jit
 def phi_times_p(b_y, b_lp, b_p):

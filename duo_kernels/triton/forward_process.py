@@ -16,10 +16,12 @@ from duo_kernels.triton.normal import normal_order_statistic
 from duo_kernels.triton.rng import box_muller, randint32_below, uniform24
 from duo_kernels.triton.target import gpu_capability
 
-# Tokens per program. On a GPU 256 (2 per thread at 4 warps): with 1024, the float64 order statistic of
-# 8 tokens per thread spilled 1.8 KB per thread on sm_90 (compile gate, tests/test_compile_gate.py);
-# 256 needs 132 registers and no spills. The interpreter pays per program, so it takes 1024.
+# Tokens per program. On a GPU 256 at 8 warps, one token per thread: 1024 tokens at 4 warps (8 per
+# thread) spilled 1.8 KB per thread of the float64 order statistic on sm_90, 256 at 4 warps still 8 B
+# (the pair kernel), one per thread uses 58-68 registers and does not spill (compile gate,
+# tests/test_compile_gate.py). The interpreter pays per program, so it takes 1024.
 GPU_BLOCK = 256
+GPU_WARPS = 8
 INTERPRETER_BLOCK = 1024
 
 
@@ -60,18 +62,19 @@ def _usdm_forward_kernel(x_ptr, z_ptr, a_ptr, a_sb, a_sl, num_tokens, length, vo
     tl.store(z_ptr + o_t, tl.where(move, randint32_below(w1, vocab_size), b_x), mask=m_t)
 
 
-def _launch(x0: torch.Tensor) -> tuple[tuple[int], int]:
-    """(grid, BLOCK) for the tokens of ``x0``."""
-    block = GPU_BLOCK if gpu_capability(x0.device) else INTERPRETER_BLOCK
-    return (triton.cdiv(x0.numel(), block),), block
+def _launch(x0: torch.Tensor) -> tuple[tuple[int], int, int]:
+    """(grid, BLOCK, num_warps) for the tokens of ``x0``."""
+    block, warps = (GPU_BLOCK, GPU_WARPS) if gpu_capability(x0.device) else (INTERPRETER_BLOCK, 4)
+    return (triton.cdiv(x0.numel(), block),), block, warps
 
 
 def gaussian_argmax(x0: torch.Tensor, gamma: torch.Tensor, vocab_size: int, seed: int) -> torch.Tensor:
     z_t = torch.empty_like(x0)
     if x0.numel():
-        grid, block = _launch(x0)
+        grid, block, warps = _launch(x0)
         _gaussian_argmax_kernel[grid](x0, z_t, z_t, gamma, *gamma.stride(), gamma, *gamma.stride(),
-                                      x0.numel(), x0.shape[1], vocab_size, seed, PAIR=False, BLOCK=block)
+                                      x0.numel(), x0.shape[1], vocab_size, seed, PAIR=False, BLOCK=block,
+                                      num_warps=warps)
     return z_t
 
 
@@ -79,16 +82,17 @@ def gaussian_argmax_pair(x0: torch.Tensor, gamma_t: torch.Tensor, gamma_s: torch
                          seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     z_t, z_s = torch.empty_like(x0), torch.empty_like(x0)
     if x0.numel():
-        grid, block = _launch(x0)
+        grid, block, warps = _launch(x0)
         _gaussian_argmax_kernel[grid](x0, z_t, z_s, gamma_t, *gamma_t.stride(), gamma_s, *gamma_s.stride(),
-                                      x0.numel(), x0.shape[1], vocab_size, seed, PAIR=True, BLOCK=block)
+                                      x0.numel(), x0.shape[1], vocab_size, seed, PAIR=True, BLOCK=block,
+                                      num_warps=warps)
     return z_t, z_s
 
 
 def usdm_forward(x0: torch.Tensor, alpha: torch.Tensor, vocab_size: int, seed: int) -> torch.Tensor:
     z_t = torch.empty_like(x0)
     if x0.numel():
-        grid, block = _launch(x0)
+        grid, block, warps = _launch(x0)
         _usdm_forward_kernel[grid](x0, z_t, alpha, *alpha.stride(), x0.numel(), x0.shape[1], vocab_size, seed,
-                                   BLOCK=block)
+                                   BLOCK=block, num_warps=warps)
     return z_t
