@@ -230,6 +230,18 @@ def parse_ptxas(log: str) -> dict:
     return {"registers": max(map(int, regs)), "stack": stack, "spill_stores": stores, "spill_loads": loads}
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("DUO_KERNELS_CACHE", Path.home() / ".cache" / "duo_kernels")) / "compile-gate"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """A killed run leaves no partial cache entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (ptxas): a compile's cost on an idle machine."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -259,8 +271,7 @@ def compile_launch(launch: dict) -> dict:
     key = hashlib.sha256(json.dumps([triton.__version__, kernel.cache_key, str(specialization),
                                      sorted(options.__dict__.items(), key=str), launch["target"]],
                                     default=str).encode()).hexdigest()
-    cache = Path(os.environ.get("DUO_KERNELS_CACHE", Path.home() / ".cache" / "duo_kernels")) / "compile-gate"
-    cached = cache / f"{key}.json"
+    cached = _cache_dir() / f"{key}.json"
     if cached.exists():
         return {**row, **json.loads(cached.read_text())}
     knobs.nvidia.dump_ptxas_log = True
@@ -274,10 +285,7 @@ def compile_launch(launch: dict) -> dict:
                   "cpu_seconds": round(_cpu_seconds() - start, 1)}
     except Exception as exc:  # the gate reports every failure in its table
         return {**row, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, cached)  # atomic: a killed run leaves no partial entry
+    _write_atomically(cached, json.dumps(result))
     return {**row, **result}
 
 
@@ -316,6 +324,12 @@ def nvcc_resources(source: Path, arch: int, nvcc: str = "nvcc") -> list[dict]:
     includes = [f"-I{ROOT / 'csrc' / 'include'}"]  # the CUDA sources need no torch headers
     cmd = [nvcc, "-cubin", str(source), "-o", os.devnull, f"-arch=sm_{arch}", "-O3", "-std=c++17", "-Xptxas", "-v",
            "--expt-relaxed-constexpr", *includes]
+    sources = sorted((ROOT / "csrc" / "include").rglob("*.h")) + sorted(source.parent.glob("*.h")) + [source]
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(json.dumps([version, cmd[3:]] + [p.read_text() for p in sources]).encode()).hexdigest()
+    cached = _cache_dir() / f"nvcc-{key}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         return [{"kernel": source.name, "target": arch, "error": done.stderr[-3000:]}]
@@ -325,6 +339,7 @@ def nvcc_resources(source: Path, arch: int, nvcc: str = "nvcc") -> list[dict]:
         rows.append({"kernel": f"{source.name}:{_demangle(name)}", "target": arch,
                      **parse_ptxas(block), "smem": int((re.findall(r"(\d+) bytes smem", block) or [0])[0]),
                      "budget": CUDA_SPILL_BUDGETS.get(_demangle(name), 0), "error": "", "seed_dependent": ""})
+    _write_atomically(cached, json.dumps(rows))
     return rows
 
 
@@ -367,7 +382,8 @@ def table(rows: list[dict]) -> str:
         variant = ", ".join([f"*{pointers}"] * bool(pointers) + shown)
         lines.append(f"{r['kernel']:<42} {r['target']:>3} {r['registers']:>4} {r['stack']:>6} "
                      f"{r['spill_stores']:>6}/{r['spill_loads']:<6} {r['smem']:>7} {r['budget']:>6} "
-                     f"{r.get('cpu_seconds', ''):>6}  w{r.get('num_warps', '')} s{r.get('num_stages', '')} {variant}")
+                     f"{r.get('cpu_seconds', '-'):>6}  w{r.get('num_warps', '-')} s{r.get('num_stages', '-')} "
+                     f"{variant}")
     cpu = sum(r.get("cpu_seconds", 0) for r in rows)
     lines.append(f"{len(rows)} compiled variants, {sum(bool(r.get('error')) for r in rows)} compile errors; "
                  f"Triton compiles took {cpu:.0f} CPU seconds when first built (cached since)")
