@@ -2,8 +2,9 @@
 
 ``pytest benchmarks/test_bench_losses.py --benchmark-only`` times B·L = 128 tokens at V = 50258 (bf16
 logits; fp32 hidden states and head on CPU): each fused backend (``impl="cpu"`` on CPU;
-``impl="triton"`` on a GPU only, the interpreter being a correctness tool) beside Duo's fp32 loss, our
-float64 reference and, for scale, ``F.cross_entropy``. With ``--benchmark-disable`` (CI) every body
+``impl="triton"`` on a GPU only, the interpreter being a correctness tool) beside the published
+baselines (Duo's fp32 loss; for DCD its fp32 and fp64 KL), our float64 reference (the correctness
+oracle) and, for scale, ``F.cross_entropy``. With ``--benchmark-disable`` (CI) every body
 runs once at V = 1000 and checks the fused result against the float64 reference.
 """
 
@@ -90,6 +91,7 @@ DCD_PATHS = {
     "cpu": lambda i: _dcd_grad(_with_impl(duo_kernels.dcd_kl, "cpu"), i),
     "triton": lambda i: _dcd_grad(_with_impl(duo_kernels.dcd_kl, "triton"), i),
     "duo fp32": lambda i: _dcd_grad(lambda s, t: _duo_kl(s, t, torch.float32), i),
+    "duo fp64": lambda i: _dcd_grad(lambda s, t: _duo_kl(s, t, torch.float64), i),
     "reference fp64": lambda i: _dcd_grad(reference_dcd.dcd_kl, i),
 }
 

@@ -123,24 +123,27 @@ void usdm_forward(at::Tensor z_t, const at::Tensor& x0, const at::Tensor& alpha,
                                 per_token_view(alpha), vocab_size, seed, stream)));
 }
 
-void tempered_softmax_topk(at::Tensor ids, at::Tensor weights, at::Tensor z_t, const at::Tensor& x0,
-                           const at::Tensor& gamma, int64_t vocab_size, int64_t k, double inv_tau,
-                           bool reference_compat, uint64_t seed) {
+// Returns the CPU kernel's bad-input bits (0 on CUDA, whose values are checked in Python when asked).
+int64_t tempered_softmax_topk(at::Tensor ids, at::Tensor weights, at::Tensor z_t, const at::Tensor& x0,
+                              const at::Tensor& gamma, int64_t vocab_size, int64_t k, double inv_tau,
+                              bool reference_compat, uint64_t seed) {
   check_tokens(x0, {&gamma});
   check_like(ids, x0, {at::kLong});
   check_like(weights, x0, {at::kFloat});
   check_like(z_t, x0, {at::kLong});
   TORCH_CHECK(k >= 1 && k < vocab_size && ids.numel() == x0.numel() * k && weights.numel() == ids.numel(),
               "duo_kernels native: tempered_softmax_topk needs 1 <= k < V and (B, L, k) outputs");
+  int64_t bad = 0;
   on_device(
       x0, "tempered_softmax_topk",
       [&] {
-        duo::cpu::tempered_softmax_topk(ids, weights, z_t, x0, gamma, vocab_size, k, inv_tau, reference_compat,
-                                        seed);
+        bad = duo::cpu::tempered_softmax_topk(ids, weights, z_t, x0, gamma, vocab_size, k, inv_tau, reference_compat,
+                                              seed);
       },
       DUO_CUDA(duo_tempered_softmax_topk(ids.data_ptr<int64_t>(), weights.data_ptr<float>(), z_t.data_ptr<int64_t>(),
                                          x0.data_ptr<int64_t>(), x0.numel(), x0.size(1), per_token_view(gamma),
                                          vocab_size, static_cast<int>(k), inv_tau, reference_compat, seed, stream)));
+  return bad;
 }
 
 // CPU only (the GPU runs the Triton kernel): see csrc/cpu/sampling.cpp; shapes checked in Python.

@@ -30,8 +30,13 @@ ENV_VAR = "DUO_KERNELS_IMPL"
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
+# Triton reads TRITON_INTERPRET when the package's kernels are defined, at import: the value then counts.
+_INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the Triton kernels run in the interpreter (TRITON_INTERPRET=1 when duo_kernels was imported)."""
+    return _INTERPRETED_AT_IMPORT
 
 
 @functools.cache
@@ -56,6 +61,9 @@ def backend_status(backend: str, device: torch.device) -> tuple[bool, str]:
             return True, ""
         if device.type == "cpu" and triton_interpreted():
             return True, ""
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            return False, ("TRITON_INTERPRET=1 was set after duo_kernels was imported, so its Triton kernels were "
+                           "defined for the GPU; set it before the import (e.g. in the shell)")
         return False, (
             f"triton kernels run on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1 set before "
             f"duo_kernels is imported); got tensors on {device}"

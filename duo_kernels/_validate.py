@@ -10,8 +10,10 @@ data-dependent graph break); eager calls check.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -25,6 +27,16 @@ def values_checked(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("DUO_KERNELS_CHECK_VALUES") == "1"
 
 
+def is_int(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and not isinstance(value, np.bool_)
+
+
+def is_number(value) -> bool:
+    """A Python or NumPy real number (int or float), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not isinstance(value, np.bool_)
+
+
 def check_tensor(name: str, t, *, dtypes=None, ndim=None) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -35,12 +47,13 @@ def check_tensor(name: str, t, *, dtypes=None, ndim=None) -> None:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
 
 
-def check_vocab_size(vocab_size) -> int:
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise ValueError(f"vocab_size must be an int, got {vocab_size!r}")
+def check_vocab_size(vocab_size, name: str = "vocab_size") -> int:
+    """An int V in [2, 2^31]; ``name`` says where it came from (e.g. ``logits.shape[-1]``)."""
+    if not is_int(vocab_size):
+        raise ValueError(f"{name} must be an int, got {vocab_size!r}")
     if not 2 <= vocab_size <= 2**31:
-        raise ValueError(f"vocab_size must be in [2, 2^31], got {vocab_size}")
-    return vocab_size
+        raise ValueError(f"{name} must be in [2, 2^31], got {vocab_size}")
+    return int(vocab_size)
 
 
 def check_ids(name: str, ids, vocab_size: int, *, ndim: int | None = 2) -> None:
@@ -65,7 +78,7 @@ def check_same_device(**tensors) -> torch.device:
 def per_token(name: str, value, shape: tuple[int, int], *, device, dtype=torch.float64) -> torch.Tensor:
     """A per-sequence or per-token scalar ((), (B,), (B, 1) or (B, L)) broadcast to (B, L)."""
     b, l = shape
-    if isinstance(value, bool) or not isinstance(value, (torch.Tensor, int, float)):
+    if not (isinstance(value, torch.Tensor) or is_number(value)):
         raise ValueError(f"{name} must be a number or a tensor, got {type(value).__name__}")
     # a Python number is taken at float64: torch.as_tensor would round 0.9 to float32 first
     t = value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64, device=device)
@@ -101,7 +114,7 @@ def check_range(name: str, t: torch.Tensor, lo: float, hi: float, *, lo_open: bo
 
 
 def check_positive_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")

@@ -64,11 +64,13 @@ tokens_per_s) and validation lines (step, dt, val_kl). Sample the result with `d
 
 SAMPLE_DESCRIPTION = """\
 Generate text with a Duo checkpoint (duo-math §6): ancestral or Psi-sampler steps, nucleus
-filtering, and a final noise-removal step (the Greedy-Tail by default).
+filtering, and a final noise-removal step (the Greedy-Tail by default). On an autoregressive
+(`duo train algo=ar`) checkpoint: one token per call with a KV cache, temperature, top_p or greedy.
 
     duo sample runs/dcd steps=8                          # 8 steps + the Greedy-Tail
     duo sample runs/duo steps=256 recipe=max-rescale     # Duo++'s Psi-sampler, eta = 0.05, top-p 0.9
     duo sample runs/duo steps=64 noise_removal=ancestral num_samples=64 out=runs/duo/samples-64.json
+    duo sample runs/judge temperature=0.8 top_p=0.9      # an AR run
 
 A published Duo model (GPT-2 tokenizer + [PAD]; samples decoded as the Duo code decodes them):
 
@@ -159,13 +161,16 @@ def _distill(argv: list[str]) -> int:
 
 
 def _sample(argv: list[str]) -> int:
+    from duo_model.ar_sample import check_settings, checkpoint_algo, sample_ar_checkpoint
     from duo_model.sample import SampleConfig, sample_checkpoint
 
     parser = _parser("duo sample", SAMPLE_DESCRIPTION, SampleConfig, CHECKPOINT_HELP + " (or checkpoint=)",
                      optional=True)
     args = _parse(parser, argv)
     cfg = build(SampleConfig, args.config, args.settings, command="sample")
-    print(json.dumps(sample_checkpoint(args.path, cfg)))
+    algo = checkpoint_algo(args.path) if args.path else "duo"  # checkpoint= names a published Duo model
+    check_settings(cfg, algo)
+    print(json.dumps((sample_ar_checkpoint if algo == "ar" else sample_checkpoint)(args.path, cfg)))
     return 0
 
 
@@ -185,15 +190,26 @@ USAGE = """usage: duo {demo,train,distill,sample,eval} [--help] [--config FILE] 
   duo demo      the whole story on a laptop: train, distill, sample, evaluate
   duo train     train a Duo model (or algo=ar, the autoregressive baseline)
   duo distill   distill a Duo model for few-step sampling (DCD)
-  duo sample    generate text with a Duo checkpoint
+  duo sample    generate text with a Duo (or AR) checkpoint
   duo eval      validation perplexity of a checkpoint, or (--gen) Gen PPL of samples
 
 `duo <command> --help` lists every setting."""
 
 
+def _one_line(exc: BaseException) -> str:
+    """The error as one line: an OSError as its reason and path, anything else as its text."""
+    if isinstance(exc, OSError) and exc.strerror:
+        paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+        text = f"{exc.strerror}: {paths}" if paths else exc.strerror
+    else:
+        text = str(exc)
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     from duo_model.checkpoint import CheckpointError
     from duo_model.data import DataError
+    from duo_model.runtime import RunError
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
@@ -204,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if asked else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, DataError, CheckpointError) as exc:
-        print(f"duo {argv[0]}: error: {exc}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError, RunError, OSError) as exc:
+        print(f"duo {argv[0]}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from duo_model.checkpoint import latest, load_model, read_checkpoint
-from duo_model.config import ConfigError, setting
+from duo_model.config import (ConfigError, at_least, corpus_spec, device_spec, matches, setting, tokenizer_spec,
+                              writable_path)
 from duo_model.distill import DistillConfig, distill
 from duo_model.eval import evaluate_checkpoint, EvalConfig, generative_perplexity, load_judge, unigram_entropy
 from duo_model.sample import decode, generate, write_samples
@@ -41,19 +42,24 @@ ALPHA_END = 0.0062  # DCD's gamma window ends where T(gamma) = 0.0062, as [-4, -
 class DemoConfig:
     """Every setting of ``duo demo`` (``key=value`` on the command line)."""
 
-    out_dir: str = setting("", "run folder (default runs/demo, runs/demo-quick with --quick)")
-    corpus: str = setting("shakespeare", "training text (see `duo train --help`)")
-    tokenizer: str = setting("bpe:2048", "tokenizer spec (see `duo train --help`)")
-    model: str = setting("", "DiT preset (default: demo on a CPU, tiny on a GPU)")
-    seq_len: int = setting(0, "tokens per sequence (0: 128 on a CPU, 256 on a GPU)")
-    judge_steps: int = setting(0, "training steps of the AR judge (0 = the demo's choice)", group="Sizes")
-    train_steps: int = setting(0, "training steps of the Duo model (0 = the demo's choice)")
-    distill_steps: int = setting(0, "DCD steps (0 = the demo's choice)")
-    sample_steps: str = setting("64,16,8", "sampler step counts, comma-separated")
-    num_samples: int = setting(0, "samples per sampler setting (0 = the demo's choice)")
-    seed: int = setting(1, "seed of every stage", group="Run")
-    device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N")
-    num_threads: int = setting(0, "torch CPU threads (0 = torch's default)")
+    out_dir: str = setting("", "run folder (default runs/demo, runs/demo-quick with --quick)",
+                           check=writable_path(optional=True))
+    corpus: str = setting("shakespeare", "training text (see `duo train --help`)", check=corpus_spec())
+    tokenizer: str = setting("bpe:2048", "tokenizer spec (see `duo train --help`)", check=tokenizer_spec())
+    model: str = setting("", "DiT preset (default: demo on a CPU, tiny on a GPU)",
+                         check=matches("|demo|tiny|small|medium", "demo, tiny, small or medium", "huge"))
+    seq_len: int = setting(0, "tokens per sequence (0: 128 on a CPU, 256 on a GPU)", check=at_least(0))
+    judge_steps: int = setting(0, "training steps of the AR judge (0 = the demo's choice)", group="Sizes",
+                               check=at_least(0))
+    train_steps: int = setting(0, "training steps of the Duo model (0 = the demo's choice)", check=at_least(0))
+    distill_steps: int = setting(0, "DCD steps (0 = the demo's choice)", check=at_least(0))
+    sample_steps: str = setting("64,16,8", "sampler step counts, comma-separated",
+                                check=matches(r"\s*[1-9]\d*\s*(,\s*[1-9]\d*\s*)*", "step counts >= 1 separated by commas",
+                                              "64,x"))
+    num_samples: int = setting(0, "samples per sampler setting (0 = the demo's choice)", check=at_least(0))
+    seed: int = setting(1, "seed of every stage", group="Run", check=at_least(0))
+    device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N", check=device_spec())
+    num_threads: int = setting(0, "torch CPU threads (0 = torch's default)", check=at_least(0))
     progress: bool = setting(True, "show progress bars")
 
 

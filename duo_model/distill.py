@@ -34,13 +34,15 @@ from torch import nn
 
 import duo_kernels
 from duo_model import ops
-from duo_model.checkpoint import CheckpointError, read_checkpoint, restore_optimizer, save_checkpoint
-from duo_model.config import ConfigError, setting
+from duo_model.checkpoint import (CheckpointError, clean, new_run_id, read_checkpoint, restore_optimizer,
+                                  save_checkpoint)
+from duo_model.config import (ConfigError, above, at_least, corpus_spec, device_spec, existing_path, finite, setting,
+                              validate, within, writable_path)
 from duo_model.data import prepare_data, tokenizer_from_json
 from duo_model.dit import DiT, DiTConfig, count_parameters
 from duo_model.eval import mean_loss
 from duo_model.runtime import Distributed, setup_distributed
-from duo_model.train import EMA, MetricsLog, micro_batches, optimize, resume_point
+from duo_model.train import EMA, MetricsLog, check_resume, data_fingerprint, micro_batches, optimize, resume_point
 
 DT_LINEAR = (0.001, 0.25)  # linear_growth_dt: dt from 0.001 to 0.25 over the run (§5.2)
 
@@ -50,44 +52,58 @@ class DistillConfig:
     """Every setting of ``duo distill`` (``key=value`` on the command line)."""
 
     init: str = setting("", "the Duo run folder (its latest checkpoint) or checkpoint folder to distill; required",
-                        group="Initialisation")
+                        group="Initialisation", check=existing_path())
     init_weights: str = setting("ema", "start the student from the checkpoint's ema or raw weights", ("ema", "raw"))
     corpus: str = setting("", "training text (default: the checkpoint's), tokenized with the checkpoint's tokenizer",
-                          group="Data")
-    seq_len: int = setting(0, "tokens per sequence (0 = the checkpoint's)")
-    val_fraction: float = setting(0.0, "held-out share of the corpus (0 = the checkpoint's)")
-    cache_dir: str = setting("", "cache folder (default $DUO_MODEL_CACHE or ~/.cache/duo_model)")
+                          group="Data", check=corpus_spec(optional=True))
+    seq_len: int = setting(0, "tokens per sequence (0 = the checkpoint's)", check=at_least(0))
+    val_fraction: float = setting(0.0, "held-out share of the corpus (0 = the checkpoint's)",
+                                  check=within(0, 1, hi_open=True))
+    cache_dir: str = setting("", "cache folder (default $DUO_MODEL_CACHE or ~/.cache/duo_model)",
+                             check=writable_path(optional=True))
     T: int = setting(64, "the first round's step is dt = 1/T (the published script: 512)",
-                     group="DCD (duo-math §5)")
+                     group="DCD (duo-math §5)", check=at_least(1))
     update_teacher_every: int = setting(100, "steps per round: the teacher is refreshed and dt doubles every this "
-                                        "many steps (the paper: 10000)")
+                                        "many steps (the paper: 10000)", check=at_least(1))
     linear_growth_dt: bool = setting(False, "grow dt linearly from 0.001 to 0.25 over max_steps instead of doubling")
     loss: str = setting("kl-bwd", "kl-bwd: KL(student || teacher) (the paper's); kl-fwd: KL(teacher || student)",
                         ("kl-bwd", "kl-fwd"))
-    gamma_min: float = setting(-4.0, "gamma at t = 0 (alpha = 0.9987 for the GPT-2 vocabulary)")
-    gamma_max: float = setting(-1.0, "gamma at t = 1 (alpha = 0.0062 for the GPT-2 vocabulary)")
+    gamma_min: float = setting(-4.0, "gamma at t = 0 (alpha = 0.9987 for the GPT-2 vocabulary)", check=finite())
+    gamma_max: float = setting(-1.0, "gamma at t = 1 (alpha = 0.0062 for the GPT-2 vocabulary)", check=finite())
     teacher_ema: bool = setting(False, "refresh the teacher from the EMA weights instead of the raw ones")
-    max_steps: int = setting(500, "optimizer steps (the paper: 50000, five rounds)", group="Optimization")
-    batch_size: int = setting(32, "global batch: sequences per optimizer step over all ranks (the paper: 128)")
-    micro_batch_size: int = setting(0, "sequences per forward pass on one rank; 0 = batch_size / ranks")
-    lr: float = setting(6e-5, "AdamW learning rate after warm-up (constant)")
-    warmup_steps: int = setting(50, "linear learning-rate warm-up from 0 (the paper: 500)")
-    beta1: float = setting(0.9, "AdamW beta1")
-    beta2: float = setting(0.999, "AdamW beta2")
-    weight_decay: float = setting(0.0, "AdamW weight decay")
-    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
-    ema: float = setting(0.999, "EMA decay of the student (warmed up as min(ema, (1+n)/(10+n)))")
-    out_dir: str = setting("runs/distill", "run folder: metrics.jsonl, checkpoints/", group="Run")
-    seed: int = setting(1, "seed of data order, times and noise")
-    log_every: int = setting(10, "steps between metric lines")
-    eval_every: int = setting(100, "steps between validation KL evaluations (0 = only at the end)")
-    eval_batches: int = setting(8, "validation batches of batch_size per evaluation (0 = the whole split)")
-    save_every: int = setting(250, "steps between checkpoints (0 = only at the end)")
-    keep_checkpoints: int = setting(2, "newest checkpoints kept (0 = all)")
-    device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+    max_steps: int = setting(500, "optimizer steps (the paper: 50000, five rounds)", group="Optimization",
+                             check=at_least(1))
+    batch_size: int = setting(32, "global batch: sequences per optimizer step over all ranks (the paper: 128)",
+                              check=at_least(1))
+    micro_batch_size: int = setting(0, "sequences per forward pass on one rank; 0 = batch_size / ranks",
+                                    check=at_least(0))
+    lr: float = setting(6e-5, "AdamW learning rate after warm-up (constant)", check=above(0))
+    warmup_steps: int = setting(50, "linear learning-rate warm-up from 0 (the paper: 500)", check=at_least(0))
+    beta1: float = setting(0.9, "AdamW beta1", check=within(0, 1, hi_open=True))
+    beta2: float = setting(0.999, "AdamW beta2", check=within(0, 1, hi_open=True))
+    weight_decay: float = setting(0.0, "AdamW weight decay", check=at_least(0))
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)", check=at_least(0))
+    ema: float = setting(0.999, "EMA decay of the student (warmed up as min(ema, (1+n)/(10+n)))", check=within(0, 1))
+    out_dir: str = setting("runs/distill", "run folder: metrics.jsonl, checkpoints/", group="Run",
+                           check=writable_path())
+    seed: int = setting(1, "seed of data order, times and noise", check=at_least(0))
+    log_every: int = setting(10, "steps between metric lines", check=at_least(1))
+    eval_every: int = setting(100, "steps between validation KL evaluations (0 = only at the end)", check=at_least(0))
+    eval_batches: int = setting(8, "validation batches of batch_size per evaluation (0 = the whole split)",
+                                check=at_least(0))
+    save_every: int = setting(250, "steps between checkpoints (0 = only at the end)", check=at_least(0))
+    keep_checkpoints: int = setting(2, "newest checkpoints kept (0 = all)", check=at_least(0))
+    device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N", check=device_spec())
     precision: str = setting("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32", ("auto", "bf16", "fp32"))
-    num_threads: int = setting(0, "torch CPU threads per process (0 = torch's default)")
+    num_threads: int = setting(0, "torch CPU threads per process (0 = torch's default)", check=at_least(0))
+    on_nonfinite: str = setting("stop", "a NaN/inf loss or gradient: stop the run (its last good checkpoint stays) or "
+                                "skip the step (counted as skipped in the metrics)", ("stop", "skip"))
     progress: bool = setting(True, "show a progress bar on rank 0")
+
+    def validate(self) -> None:
+        """The rules between settings (:func:`duo_model.config.validate` checks each setting first)."""
+        if self.gamma_min >= self.gamma_max:
+            raise ConfigError(f"gamma_min={self.gamma_min} must be < gamma_max={self.gamma_max}")
 
 
 def dt_at(cfg: DistillConfig, step: int) -> float:
@@ -145,22 +161,25 @@ def validation_kl(objective: DCDLoss, sequences: torch.Tensor, dt: float, *, bat
 
 
 def _read_init(cfg: DistillConfig) -> dict:
-    if not cfg.init:
-        raise ConfigError("duo distill needs init=RUN_OR_CHECKPOINT: the Duo model to distill (a `duo train` run)")
-    ckpt = read_checkpoint(cfg.init)
+    try:
+        ckpt = read_checkpoint(cfg.init)
+    except CheckpointError as exc:
+        raise CheckpointError(f"init={cfg.init}: {exc}") from None
     algo = ckpt["config"]["train"]["algo"]
     if algo != "duo":
-        raise CheckpointError(f"checkpoint {ckpt['path']} is an algo={algo} model; DCD distills a Duo model")
+        raise CheckpointError(f"init={cfg.init}: checkpoint {ckpt['path']} is an algo={algo} model; DCD distills "
+                              "a Duo model")
     return ckpt
 
 
 def distill(cfg: DistillConfig, resume: bool = False) -> dict:
     """Distill as configured; returns the last metrics (``step``, ``loss``, ``dt``, ``val_kl``, ...)."""
+    if not cfg.init:
+        raise ConfigError("init='': duo distill needs init=RUN_OR_CHECKPOINT, the Duo model to distill (a `duo "
+                          "train` run)")
+    validate(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    for name in ("T", "update_teacher_every", "max_steps"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     env, device = setup_distributed(cfg.device)
     try:
         return _distill(cfg, resume, env, device)
@@ -191,19 +210,23 @@ def _distill(cfg: DistillConfig, resume: bool, env: Distributed, device: torch.d
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay)
     ema = EMA(student, cfg.ema)
-    step = 0
+    step, run_id, pending = 0, new_run_id(), {}
 
+    if env.main:
+        clean(out_dir)
+    env.barrier()
     ckpt_path = resume_point(out_dir, resume)
     if ckpt_path is not None:
         ckpt = read_checkpoint(ckpt_path)
-        if "distill" not in ckpt["config"] or ckpt["config"]["model"] != mcfg.to_dict() \
-                or ckpt["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
-            raise CheckpointError(f"checkpoint {ckpt['path']} is not a distillation of {cfg.init}")
+        check_resume(ckpt, mcfg, data, "distill")
+        if "teacher" not in ckpt:
+            raise CheckpointError(f"checkpoint {ckpt['path']} is incomplete (missing teacher.safetensors)")
         student.load_state_dict(ckpt["model"])
         teacher.load_state_dict(ckpt["teacher"])
         restore_optimizer(optimizer, ckpt["optimizer"], ckpt["state"]["optimizer_param_groups"])
         ema.load(ckpt["ema"], ckpt["state"]["ema_updates"])
-        step = ckpt["state"]["step"]
+        step, pending = ckpt["state"]["step"], ckpt["state"].get("pending", {})
+        run_id = ckpt["state"].get("run_id", run_id)
 
     trained = objective
     if env.enabled:
@@ -211,7 +234,8 @@ def _distill(cfg: DistillConfig, resume: bool, env: Distributed, device: torch.d
             objective, device_ids=[device.index] if device.type == "cuda" else None)
 
     run_config = {"train": saved, "model": mcfg.to_dict(), "distill": dataclasses.asdict(cfg),
-                  "init": str(init["path"]), "duo_kernels": duo_kernels.__version__, "ops": ops.sources()}
+                  "init": str(init["path"]), "run": {"kind": "distill", "data": data_fingerprint(data)},
+                  "duo_kernels": duo_kernels.__version__, "ops": ops.sources()}
     log = None
     if env.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -220,9 +244,9 @@ def _distill(cfg: DistillConfig, resume: bool, env: Distributed, device: torch.d
                     f"{count_parameters(student) / 1e6:.2f}M params, V={mcfg.vocab_size}), {env.world_size} rank(s) "
                     f"x {micro} x {accum} accumulation, device {device}, from step {step}")
 
-    def save(at_step: int) -> None:
+    def save(at_step: int, progress: dict) -> None:
         if env.main:
-            state = {"step": at_step, "ema_updates": ema.updates}
+            state = {"step": at_step, "ema_updates": ema.updates, "run_id": run_id, "pending": progress}
             path = save_checkpoint(out_dir, at_step, model=student, ema=ema.state_dict(), optimizer=optimizer,
                                    config=run_config, state=state, tokenizer=init["tokenizer"],
                                    keep=cfg.keep_checkpoints, extra={"teacher": teacher.state_dict()})
@@ -249,4 +273,4 @@ def _distill(cfg: DistillConfig, resume: bool, env: Distributed, device: torch.d
     student.train()
     return optimize(cfg, env=env, device=device, sequences=data.train, objective=trained, optimizer=optimizer,
                     ema=ema, step=step, micro=micro, accum=accum, log=log, step_inputs=step_inputs,
-                    run_eval=lambda at_step: run_eval(at_step, dt_at(cfg, at_step - 1)), save=save)
+                    run_eval=lambda at_step: run_eval(at_step, dt_at(cfg, at_step - 1)), save=save, pending=pending)

@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from duo_model.checkpoint import CheckpointError, load_model
-from duo_model.config import ConfigError, setting
+from duo_model.config import (ConfigError, at_least, corpus_spec, device_spec, existing_path, setting, validate,
+                              within, writable_path)
 from duo_model.data import prepare_data
 from duo_model.dit import DiT
 from duo_model.loss import ARLoss, DuoLoss, Phase, antithetic_t, perplexity
@@ -42,22 +43,25 @@ class EvalConfig:
 
     checkpoint: str = setting("", "a published Duo model instead of a run folder: hf:OWNER/NAME, a snapshot folder "
                               "(config.json + model.safetensors) or a Lightning .ckpt of the Duo code; needs corpus=",
-                              group="Model")
+                              group="Model", check=existing_path(optional=True, also="hf:"))
     corpus: str = setting("", "text to evaluate on (default: the checkpoint's corpus), tokenized with the "
-                          "checkpoint's tokenizer", group="Data")
-    seq_len: int = setting(0, "tokens per sequence (0 = the checkpoint's)")
-    val_fraction: float = setting(0.0, "held-out share of the corpus (0 = the checkpoint's)")
+                          "checkpoint's tokenizer", group="Data", check=corpus_spec(optional=True))
+    seq_len: int = setting(0, "tokens per sequence (0 = the checkpoint's)", check=at_least(0))
+    val_fraction: float = setting(0.0, "held-out share of the corpus (0 = the checkpoint's)",
+                                  check=within(0, 1, hi_open=True))
     split: str = setting("validation", "which split to score", ("validation", "train"))
-    cache_dir: str = setting("", "cache folder (default $DUO_MODEL_CACHE or ~/.cache/duo_model)")
-    batch_size: int = setting(32, "sequences per batch", group="Evaluation")
-    batches: int = setting(0, "batches to score (0 = the whole split)")
+    cache_dir: str = setting("", "cache folder (default $DUO_MODEL_CACHE or ~/.cache/duo_model)",
+                             check=writable_path(optional=True))
+    batch_size: int = setting(32, "sequences per batch", group="Evaluation", check=at_least(1))
+    batches: int = setting(0, "batches to score (0 = the whole split)", check=at_least(0))
     ema: bool = setting(True, "score the EMA weights (false: the raw weights)")
-    seed: int = setting(1, "seed of the times and noise")
-    device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+    seed: int = setting(1, "seed of the times and noise", check=at_least(0))
+    device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N", check=device_spec())
     precision: str = setting("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32", ("auto", "bf16", "fp32"))
-    num_threads: int = setting(0, "torch CPU threads (0 = torch's default)")
+    num_threads: int = setting(0, "torch CPU threads (0 = torch's default)", check=at_least(0))
     judge: str = setting("", "with --gen: the judge, an AR run or checkpoint (`duo train algo=ar`) or hf:NAME (a "
-                         "Hugging Face causal LM; needs transformers)", group="Generative evaluation (--gen)")
+                         "Hugging Face causal LM; needs transformers)", group="Generative evaluation (--gen)",
+                         check=existing_path(optional=True, also="hf:"))
 
 
 @torch.no_grad()
@@ -101,8 +105,7 @@ def mean_loss(loss_fn, sequences: torch.Tensor, *, batch_size: int, seed: int, d
 def evaluate_checkpoint(path: str | None, cfg: EvalConfig) -> dict:
     """Score a run folder's latest checkpoint (or a checkpoint folder), or the published model
     ``cfg.checkpoint``, as configured."""
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    validate(cfg)
     if bool(path) == bool(cfg.checkpoint):
         raise ConfigError("give either a run or checkpoint folder (positional) or checkpoint=<published model>")
     if cfg.checkpoint and not cfg.corpus:
@@ -229,6 +232,7 @@ def evaluate_samples(path: str, cfg: EvalConfig) -> dict:
     """Gen PPL and unigram entropy of a samples file under ``cfg.judge``."""
     from duo_model.sample import read_samples
 
+    validate(cfg)
     record = read_samples(path)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

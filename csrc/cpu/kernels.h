@@ -15,10 +15,13 @@ void gaussian_argmax(at::Tensor& z_t, at::Tensor& z_s, const at::Tensor& x0, con
                      const at::Tensor& gamma_s, int64_t vocab_size, uint64_t seed);
 void usdm_forward(at::Tensor& z_t, const at::Tensor& x0, const at::Tensor& alpha, int64_t vocab_size, uint64_t seed);
 
-// Duo++ top-k relaxation: ids (B, L, k) int64, weights (B, L, k) float32, z_t (B, L) int64.
-void tempered_softmax_topk(at::Tensor& ids, at::Tensor& weights, at::Tensor& z_t, const at::Tensor& x0,
-                           const at::Tensor& gamma, int64_t vocab_size, int64_t k, double inv_tau,
-                           bool reference_compat, uint64_t seed);
+// Duo++ top-k relaxation: ids (B, L, k) int64, weights (B, L, k) float32, z_t (B, L) int64. Checks
+// the values it reads: returns 0, or a bit set: kBadId an x0 outside [0, V), kBadGamma a non-finite
+// gamma (the outputs are then meaningless).
+constexpr int kBadId = 1, kBadGamma = 2;
+int64_t tempered_softmax_topk(at::Tensor& ids, at::Tensor& weights, at::Tensor& z_t, const at::Tensor& x0,
+                              const at::Tensor& gamma, int64_t vocab_size, int64_t k, double inv_tau,
+                              bool reference_compat, uint64_t seed);
 
 // The fused sampling step (csrc/cpu/sampling.cpp): logits (B, L, V) float16 / bfloat16 / float32 /
 // float64, any strides; z_t (B, L) int64 contiguous; alpha_t, alpha_s, kappa (B, L) float64, any

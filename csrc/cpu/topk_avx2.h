@@ -46,6 +46,14 @@ DUO_AVX2 vd neg(vd x) { return _mm256_xor_pd(x, set(-0.0)); }
 DUO_AVX2 vi load_i(const int64_t* p) { return _mm256_load_si256(reinterpret_cast<const vi*>(p)); }
 DUO_AVX2 void store_i(int64_t* p, vi x) { _mm256_store_si256(reinterpret_cast<vi*>(p), x); }
 
+// a * b rounded to a double: the empty asm keeps the compiler from contracting the product into a
+// following addition (an FMA), which the reference's separately rounded operations do not do.
+DUO_AVX2 vd scaled(vd a, vd b) {
+  vd p = _mm256_mul_pd(a, b);
+  __asm__("" : "+x"(p));
+  return p;
+}
+
 // Horner's rule, highest-degree coefficient first (as duo::horner).
 DUO_AVX2 vd horner(vd, vd acc) { return acc; }
 template <typename... Rest>
@@ -270,9 +278,9 @@ DUO_AVX2 vd erfcx_mid(vd y) {
 // log1p(u) = log(1 + u) + (u - ((1 + u) - 1)) / (1 + u).
 DUO_AVX2 vd log_truncated_mean_exp(vd c, vd s, double inv_tau, int* scalar) {
   const vd a = _mm256_div_pd(c, s);
-  const vd b = _mm256_mul_pd(s, set(inv_tau));
+  const vd b = scaled(s, set(inv_tau));
   const vd y = _mm256_div_pd(_mm256_sub_pd(b, a), set(1.4142135623730951));
-  const vd head = _mm256_add_pd(_mm256_mul_pd(a, _mm256_sub_pd(b, _mm256_div_pd(a, set(2.0)))),
+  const vd head = _mm256_add_pd(scaled(a, _mm256_sub_pd(b, _mm256_div_pd(a, set(2.0)))),
                                 log(_mm256_div_pd(erfcx_large(y), set(2.0))));
   const vd t = _mm256_mul_pd(a, set(0.70710678118654752440));
   const vd q = _mm256_mul_pd(_mm256_mul_pd(exp_finite(_mm256_mul_pd(neg(t), t)), erfcx_mid(t)), set(0.5));
@@ -287,12 +295,30 @@ DUO_AVX2 vd log_truncated_mean_exp(vd c, vd s, double inv_tau, int* scalar) {
   return _mm256_sub_pd(head, log_phi_a);
 }
 
+// Terms of the normaliser below e^-kNegligible of its largest (1): they leave the float64 sum unchanged
+// (below half an ulp of 1) and have float32 weights of 0 (below 2^-150).
+constexpr double kNegligible = 110.0;
+
+// m - kNegligible, less a relative margin for the rounding of huge scaled values at tiny tau.
+DUO_AVX2 vd negligible_below(vd m) {
+  return _mm256_sub_pd(m, _mm256_add_pd(set(kNegligible), _mm256_mul_pd(_mm256_andnot_pd(set(-0.0), m), set(1e-12))));
+}
+
+// Whether v < below in all 4 lanes.
+DUO_AVX2 bool negligible(vd v, vd below) { return _mm256_movemask_pd(_mm256_cmp_pd(v, below, _CMP_LT_OQ)) == 0xF; }
+
+// exp(v - m), or 0 without computing it where the term is negligible in all 4 lanes.
+DUO_AVX2 vd shifted_exp(vd v, vd m, vd below) {
+  return negligible(v, below) ? _mm256_setzero_pd() : exp(_mm256_sub_pd(v, m));
+}
+
 // Tokens [begin, end) of tempered_softmax_topk, 4 at a time (the last group padded with copies of
 // its first token, whose results are dropped), every phase as vector code over the 4 tokens: block 0,
 // the k order statistics, the Fisher-Yates lookups, the slots, the tail and the weights, in the
 // order of operations of duo::tempered_softmax_topk_token. `scratch`: topk_scratch_doubles(k)
-// doubles, 32-byte aligned.
-__attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
+// doubles, 32-byte aligned. Returns bit 0 if an x0 is outside [0, V), bit 1 if a gamma is not finite
+// (kBadId and kBadGamma of cpu/kernels.h).
+__attribute__((target("avx2,fma"))) inline int tempered_softmax_topk_tokens(
     const TopkConfig& cfg, int64_t begin, int64_t end, const int64_t* x0, const PerToken& gamma, int64_t length,
     double* scratch, int64_t* out_ids, float* out_weights, int64_t* out_z) {
   const int k = cfg.k;
@@ -314,6 +340,7 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
   const vd inv_tau = set(cfg.inv_tau);
   const Keys keys = round_keys(cfg.seed);
   const bool compat = cfg.reference_compat;
+  int bad = 0;
   for (int64_t t0 = begin; t0 < end; t0 += 4) {
     const int lanes = end - t0 < 4 ? static_cast<int>(end - t0) : 4;
     for (int l = 0; l < lanes; ++l, gamma_at.next()) {
@@ -321,10 +348,12 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
       if (!(gamma_t == last_gamma)) {
         std_dev = gaussian_std(gamma_t);
         last_gamma = gamma_t;
+        bad |= std::isfinite(gamma_t) ? 0 : 2;
       }
       a_tilde[l] = std_dev.a_tilde;
       s_tilde[l] = std_dev.s_tilde;
       lane_x[l] = x0[t0 + l];
+      bad |= static_cast<uint64_t>(lane_x[l]) < static_cast<uint64_t>(cfg.vocab_size) ? 0 : 1;
     }
     for (int l = lanes; l < 4; ++l) {
       a_tilde[l] = a_tilde[0];
@@ -407,9 +436,26 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
       log_count = _mm256_blendv_pd(set(cfg.log_tail_count[0]), set(cfg.log_tail_count[1]), bigger);
       has_tail = _mm256_or_pd(bigger, as_d(set_i(cfg.vocab_size - k - 1 > 0 ? -1 : 0)));
     }
+    // log Z as torch.logsumexp: shift by the max m (0 if infinite), sum in slot order, then hidden and
+    // tail. The coordinates in units of tau are rounded products, as in the reference: contracted into
+    // an FMA, w / tau - m would keep the product's rounding error, up to ~1e3 at tau = 1e-19.
+    const vd hidden_scaled = scaled(hidden, inv_tau);
+    const vd clean_scaled = scaled(w_x, inv_tau);
+    vd m = _mm256_max_pd(hidden_scaled, clean_scaled);
+    for (int j = 0; j < k; ++j) {
+      const vd v = scaled(_mm256_load_pd(o + 4 * j), inv_tau);
+      _mm256_store_pd(o + 4 * j, v);
+      m = _mm256_max_pd(m, v);
+    }
+    // Terms below e^-110 of the largest (which is 1) leave the float64 sum unchanged and give float32
+    // weights of 0, so they are skipped where all 4 lanes have them: deep(v) says v - m < -110 (with a
+    // relative margin for the rounding of huge v at tiny tau). The tail is below its bound
+    // log(count) + truncation / tau (E[exp(Y / tau) | Y < c] < exp(c / tau)).
+    const vd below = negligible_below(m);
     const int tail_lanes = _mm256_movemask_pd(has_tail);
     vd log_tail = set(-HUGE_VAL);
-    if (tail_lanes) {
+    const vd tail_bound = _mm256_add_pd(log_count, scaled(truncation, inv_tau));
+    if (tail_lanes && !negligible(_mm256_blendv_pd(set(-HUGE_VAL), tail_bound, has_tail), below)) {
       int scalar;
       vd mean = log_truncated_mean_exp(truncation, s, cfg.inv_tau, &scalar);
       if ((scalar &= tail_lanes)) {
@@ -421,18 +467,11 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
         mean = _mm256_load_pd(lane_v);
       }
       log_tail = _mm256_blendv_pd(log_tail, _mm256_add_pd(log_count, mean), has_tail);
+      m = _mm256_max_pd(m, log_tail);
     }
-
-    // log Z as torch.logsumexp: shift by the max (0 if infinite), sum in slot order, then hidden and tail
-    const vd hidden_scaled = _mm256_mul_pd(hidden, inv_tau);
-    const vd clean_scaled = _mm256_mul_pd(w_x, inv_tau);
-    vd m = _mm256_max_pd(_mm256_max_pd(hidden_scaled, log_tail), clean_scaled);
-    for (int j = 0; j < k; ++j) m = _mm256_max_pd(m, _mm256_mul_pd(_mm256_load_pd(o + 4 * j), inv_tau));
     m = _mm256_andnot_pd(_mm256_cmp_pd(_mm256_andnot_pd(set(-0.0), m), set(HUGE_VAL), _CMP_EQ_OQ), m);
-    const vd clean_term = exp(_mm256_sub_pd(clean_scaled, m));
-    for (int j = 0; j < k; ++j) {
-      _mm256_store_pd(o + 4 * j, exp(_mm256_sub_pd(_mm256_mul_pd(_mm256_load_pd(o + 4 * j), inv_tau), m)));
-    }
+    const vd clean_term = shifted_exp(clean_scaled, m, below);
+    for (int j = 0; j < k; ++j) _mm256_store_pd(o + 4 * j, shifted_exp(_mm256_load_pd(o + 4 * j), m, below));
     // slot s holds w_x if s == rank, else the exp of o[s - (s > rank)] (exact) or o[s] (compat)
     vd sum = _mm256_setzero_pd();
     for (int slot = 0; slot < k; ++slot) {
@@ -450,8 +489,8 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
       store_i(slot_ids + 4 * slot, _mm256_blendv_epi8(id, x, as_i(is_clean)));
       sum = _mm256_add_pd(sum, term);
     }
-    sum = _mm256_add_pd(sum, exp(_mm256_sub_pd(hidden_scaled, m)));
-    sum = _mm256_add_pd(sum, exp(_mm256_sub_pd(log_tail, m)));
+    sum = _mm256_add_pd(sum, shifted_exp(hidden_scaled, m, below));
+    sum = _mm256_add_pd(sum, shifted_exp(log_tail, m, below));
     const vd inv_sum = _mm256_div_pd(set(1.0), sum);
     for (int slot = 0; slot < k; ++slot) {
       const vd weight = _mm256_mul_pd(_mm256_load_pd(slot_terms + 4 * slot), inv_sum);
@@ -472,6 +511,7 @@ __attribute__((target("avx2,fma"))) inline void tempered_softmax_topk_tokens(
       out_z[tl] = lane_x[l];
     }
   }
+  return bad;
 }
 
 // Doubles of scratch tempered_softmax_topk_tokens needs at k.

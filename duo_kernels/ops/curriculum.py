@@ -41,6 +41,9 @@ from duo_kernels.rng import resolve_seed, seed_from_int64, seed_to_int64
 
 # The GPU kernels keep a token's k order statistics and shuffle records in registers / local memory.
 MAX_DEVICE_K = 128
+# The smallest temperature: every backend scales the drawn coordinates (|w| < 10) by 1 / tau in float64,
+# which must stay finite.
+MIN_TAU = 1e-300
 
 
 def _native_topk(x0, gamma, vocab_size, k, tau, reference_compat, seed):
@@ -48,8 +51,9 @@ def _native_topk(x0, gamma, vocab_size, k, tau, reference_compat, seed):
     ids = torch.empty((b, l, k), dtype=torch.int64, device=x0.device)
     weights = torch.empty((b, l, k), dtype=torch.float32, device=x0.device)
     z_t = torch.empty_like(x0)
-    _native().tempered_softmax_topk(ids, weights, z_t, x0, gamma, vocab_size, k, 1.0 / tau, reference_compat, seed)
-    return ids, weights, z_t
+    bad = _native().tempered_softmax_topk(ids, weights, z_t, x0, gamma, vocab_size, k, 1.0 / tau, reference_compat,
+                                          seed)
+    return ids, weights, z_t, bad
 
 
 def _triton_topk(x0, gamma, vocab_size, k, tau, reference_compat, seed):
@@ -73,7 +77,7 @@ _TOPK_LARGE_K = {"reference": _reference_topk, "cpu": _native_topk}
 def _topk_op(x0: torch.Tensor, gamma: torch.Tensor, vocab_size: int, k: int, tau: float, reference_compat: bool,
              seed: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids (B, L, k) int64, weights (B, L, k) float32, z_t (B, L) int64) from validated arguments."""
-    return _TOPK[backend](x0, gamma, vocab_size, k, tau, reference_compat, seed_from_int64(seed))
+    return _TOPK[backend](x0, gamma, vocab_size, k, tau, reference_compat, seed_from_int64(seed))[:3]
 
 
 @_topk_op.register_fake
@@ -98,7 +102,8 @@ def tempered_softmax_topk(x0: torch.Tensor, gamma, vocab_size: int, k: int, tau:
         vocab_size: V >= 2.
         k: number of visible coordinates, in [1, V - 1] ([2, V - 1] with ``reference_compat``);
             ``impl="cuda"`` and ``"triton"`` take k <= 128.
-        tau: softmax temperature > 0 (the paper runs use 1e-3).
+        tau: softmax temperature in [MIN_TAU, inf), MIN_TAU = 1e-300 (the paper runs use 1e-3, then
+            1e-10).
         reference_compat: reproduce the published sampler's rule (default False).
         seed, generator: see :func:`duo_kernels.rng.resolve_seed`.
         impl: backend (:mod:`duo_kernels._dispatch`).
@@ -118,10 +123,13 @@ def tempered_softmax_topk(x0: torch.Tensor, gamma, vocab_size: int, k: int, tau:
         >>> torch.equal(ids, ref[0]) and torch.equal(z_t, ref[2]) and torch.allclose(weights, ref[1])
         True
     """
-    vocab_size = _check_tokens(x0, vocab_size)
+    vocab_size = _validate.check_vocab_size(vocab_size)
+    _validate.check_tensor("x0", x0, dtypes=(torch.int64,), ndim=2)
     k = _check_k(k, vocab_size, reference_compat)
     tau = _validate.check_positive_number("tau", tau)
-    gamma = _log_snr("gamma", gamma, x0.shape, x0.device)
+    if tau < MIN_TAU:
+        raise ValueError(f"tau must be >= {MIN_TAU} (the coordinates scaled by 1 / tau must stay finite), got {tau}")
+    gamma = _validate.per_token("gamma", gamma, tuple(x0.shape), device=x0.device)
     seed = resolve_seed(seed, generator)
     kernels = _TOPK
     if k > MAX_DEVICE_K:
@@ -131,11 +139,18 @@ def tempered_softmax_topk(x0: torch.Tensor, gamma, vocab_size: int, k: int, tau:
                                       f"k = {k}; use impl='reference' (or impl='cpu' for CPU tensors)")
         kernels = _TOPK_LARGE_K
     backend = resolve_backend("tempered_softmax_topk", impl, str(x0.device), kernels)
+    args = (x0.contiguous(), _on_device(gamma, x0.device).detach(), vocab_size, k, tau, bool(reference_compat))
+    if backend == "cpu" and not torch.compiler.is_compiling():
+        # Eager CPU calls run the kernel without the op dispatcher, whose per-call cost (~0.1-0.3 ms)
+        # matches the kernel's at B·L = 1024, and the kernel checks the ids and gammas it reads: on a
+        # bad value the validators below raise their errors (the outputs carry no autograd history).
+        *out, bad = _native_topk(*args, seed)
+        if not bad:
+            return tuple(out)
+    _check_tokens(x0, vocab_size)
+    _log_snr("gamma", gamma, x0.shape, x0.device)
     if backend == "reference":
         return _reference_topk(x0, gamma, vocab_size, k, tau, bool(reference_compat), seed)
-    args = (x0.contiguous(), _on_device(gamma, x0.device).detach(), vocab_size, k, tau, bool(reference_compat))
     if torch.compiler.is_compiling():
         return _topk_op(*args, seed_to_int64(seed), backend)
-    # Eager calls run the kernel without the op dispatcher, whose per-call cost (~0.1-0.3 ms on a CPU)
-    # matches the kernel's at B·L = 1024; the outputs carry no autograd history either way.
-    return _TOPK[backend](*args, seed)
+    return _TOPK[backend](*args, seed)[:3]

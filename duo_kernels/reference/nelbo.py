@@ -26,32 +26,69 @@ def _drop_masked_rows(logits: torch.Tensor, weights: torch.Tensor | None) -> tor
     return torch.where(weights[..., None] != 0, logits, 0.0)
 
 
+def log1p_minus(t: torch.Tensor) -> torch.Tensor:
+    """g(t) = t - log(1 + t) >= 0 for t >= 0, without cancellation: its series below 1e-3."""
+    series = t * t * (0.5 - t * (1.0 / 3.0 - t * (0.25 - t * 0.2)))
+    return torch.where(t < 1e-3, series, t - torch.log1p(t))
+
+
+def log1p_over(t: torch.Tensor) -> torch.Tensor:
+    """h(t) = log(1 + t) - t/(1 + t) >= 0 for t >= 0, without cancellation: its series below 1e-3."""
+    series = t * t * (0.5 - t * (2.0 / 3.0 - t * (0.75 - t * 0.8)))
+    return torch.where(t < 1e-3, series, torch.log1p(t) - t / (1.0 + t))
+
+
 def _usdm_nelbo_float64(logits: torch.Tensor, z_t: torch.Tensor, x0: torch.Tensor,
                         alpha_t: torch.Tensor, dalpha_t: torch.Tensor) -> torch.Tensor:
-    """Eq. (3.5) on float64 logits (B, L, V) and float64 alpha_t, dalpha_t (B, L); float64 (B, L)."""
+    """Eq. (3.5) on float64 logits (B, L, V) and float64 alpha_t, dalpha_t (B, L); float64 (B, L).
+
+    Written without cancellation, so that it stays accurate as alpha_t -> 0, where eq. (3.5) as written
+    subtracts O(1) terms to get an O(alpha_t^2) bracket. With ``r = K a/(1 - a)``, ``p = x_theta``,
+    ``t_j = r p_j`` (so ``xbar_theta_j = (1 - a)(1 + t_j)``), ``g(t) = t - log(1 + t)``,
+    ``h(t) = log(1 + t) - t/(1 + t)`` and ``G = sum_j g(t_j)``, the bracket of eq. (3.5) is exactly
+
+        z_t != x0:  -(K + r) h(t_i) - G - r^2 (1 - p_m) - r g(t_m) + (1 + r) g(r)
+        z_t == x0:  (-r^2 (1 - p_i)(1 - K p_i)/(1 + t_i) + K g(t_i) - G - (K - 1) g(r)) / (1 + r)
+
+    (substitute ``log xbar_theta_j = log(1 - a) + t_j - g(t_j)``, ``sum_j t_j = r``): every term is
+    O(r^2), and g, h are evaluated by their series for small arguments. For r >= 1 (where these O(r^2)
+    terms cancel instead) the bracket is eq. (3.5) with ``log xbar_theta_j - log(1 - a) = log(1 + t_j)``.
+    """
     k = float(logits.shape[-1])
-    x_theta = torch.softmax(logits, dim=-1)
-    alpha = alpha_t[..., None]
-    xbar_theta = k * alpha * x_theta + (1.0 - alpha)
-    log_xbar_theta = torch.log(xbar_theta)
-    # The only reduction over the vocabulary; the rest gathers at z_t (index i) and x0 (index m).
-    s_log = log_xbar_theta.sum(-1)
-    xbar_theta_i = xbar_theta.gather(-1, z_t[..., None]).squeeze(-1)
-    log_xbar_theta_i = log_xbar_theta.gather(-1, z_t[..., None]).squeeze(-1)
-    log_xbar_theta_m = log_xbar_theta.gather(-1, x0[..., None]).squeeze(-1)
-
-    eq = (z_t == x0).to(torch.float64)
-    ne = 1.0 - eq
-    xbar_i = (1.0 - alpha_t) + k * alpha_t * eq
-    kappa = (1.0 - alpha_t) / (k * alpha_t + 1.0 - alpha_t)
+    log_p = torch.log_softmax(logits, dim=-1)
     r = k * alpha_t / (1.0 - alpha_t)
-    coeff = dalpha_t / (k * alpha_t)
+    t = r[..., None] * torch.exp(log_p)
+    big_g = log1p_minus(t).sum(-1)
+    s_l = torch.log1p(t).sum(-1)
+    log_p_i = log_p.gather(-1, z_t[..., None]).squeeze(-1)
+    log_p_m = log_p.gather(-1, x0[..., None]).squeeze(-1)
+    # coeff * bracket = dalpha/(1 - a) * (bracket / r): coeff overflows for a subnormal alpha_t
+    return dalpha_t / (1.0 - alpha_t) * nelbo_bracket_over_r(k, r, big_g, s_l, log_p_i, log_p_m, z_t == x0)
 
-    term1 = k * (1.0 / xbar_i - 1.0 / xbar_theta_i)
-    term2 = ((eq * kappa + ne) * (k * log_xbar_theta_i - s_log)
-             - ne * r * (log_xbar_theta_m - log_xbar_theta_i)
-             + ((k - 1.0) * kappa * eq - ne / kappa) * torch.log(kappa))
-    return coeff * (term1 - term2)
+
+def nelbo_bracket_over_r(k: float, r: torch.Tensor, big_g: torch.Tensor, s_l: torch.Tensor, log_p_i: torch.Tensor,
+                         log_p_m: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """The bracket of eq. (3.5) divided by r, from per-token float64 ``r``, ``G = sum_j g(t_j)``,
+    ``S = sum_j log(1 + t_j)``, ``log p_i``, ``log p_m`` and ``same = [z_t == x0]``: the
+    cancellation-free form for r < 1, eq. (3.5) in log1p form for r >= 1 (see :func:`_usdm_nelbo_float64`)."""
+    small = r < 1.0
+    rs = torch.where(small, r, 0.5)  # each branch sees finite inputs: no NaN reaches a gradient
+    p_i = torch.exp(log_p_i)
+    t_i, t_m = rs * p_i, rs * torch.exp(log_p_m)
+    differ = -(k + rs) * log1p_over(t_i) - big_g + rs * rs * torch.expm1(log_p_m) - rs * log1p_minus(t_m) \
+        + (1.0 + rs) * log1p_minus(rs)
+    equal = (rs * rs * torch.expm1(log_p_i) * (1.0 - k * p_i) / (1.0 + t_i) + k * log1p_minus(t_i)
+             - big_g - (k - 1.0) * log1p_minus(rs)) / (1.0 + rs)
+    cancellation_free = torch.where(same, equal, differ) / rs
+
+    rl = torch.where(small, 2.0, r)
+    t_i, t_m = rl * p_i, rl * torch.exp(log_p_m)
+    l_i, l_m, l_r = torch.log1p(t_i), torch.log1p(t_m), torch.log1p(rl)
+    differ = (k + rl) * (1.0 - 1.0 / (1.0 + t_i)) - (k * l_i - s_l) + rl * (l_m - l_i) - (1.0 + rl) * l_r
+    equal = (k + rl) * (1.0 / (1.0 + rl) - 1.0 / (1.0 + t_i)) - (k * l_i - s_l) / (1.0 + rl) \
+        + (k - 1.0) / (1.0 + rl) * l_r
+    log1p_form = torch.where(same, equal, differ) / rl
+    return torch.where(small, cancellation_free, log1p_form)
 
 
 def usdm_nelbo(logits, z_t, x0, alpha_t, dalpha_t, *, reduction: str = "none", mask=None) -> torch.Tensor:

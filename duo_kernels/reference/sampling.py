@@ -26,7 +26,7 @@ def _check_rows(name: str, t, *, ndim: int | None = None) -> int:
     _validate.check_tensor(name, t, dtypes=_validate.FLOAT_DTYPES, ndim=ndim)
     if t.dim() == 0:
         raise ValueError(f"{name} must have a vocabulary dimension, got a 0-d tensor")
-    return _validate.check_vocab_size(t.shape[-1])
+    return _validate.check_vocab_size(t.shape[-1], name=f"{name}.shape[-1]")
 
 
 def _check_order(alpha_t: torch.Tensor, alpha_s: torch.Tensor) -> None:

@@ -1,6 +1,10 @@
 """Settings, overrides and the `duo` command line."""
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -73,3 +77,68 @@ def test_cli_errors_are_one_line_without_traceback(capsys, tmp_path):
     assert "duo eval: error: no checkpoint at" in capsys.readouterr().err
     assert cli.main(["generate"]) == 2
     assert "unknown command 'generate'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# every setting of every command, with an invalid value
+
+COMMANDS = {"train": TrainConfig, "distill": DistillConfig, "sample": SampleConfig, "eval": EvalConfig,
+            "demo": DemoConfig}
+
+
+def invalid_value(field: dataclasses.Field):
+    """A value the setting's own rule rejects: its check's example, a value outside its choices, or a
+    word that is no bool; None when the setting has no rule."""
+    if field.metadata.get("check") is not None:
+        return field.metadata["check"].invalid
+    if field.metadata.get("choices"):
+        return "no-such-choice"
+    if field.type in (bool, "bool"):
+        return "maybe"
+    return None
+
+
+def base_arguments(command: str, tmp_path) -> list[str]:
+    """Arguments under which the command, if a bad setting slipped through, fails fast with an error
+    that does not name the setting (a missing corpus or checkpoint), instead of training."""
+    missing = f"text:{tmp_path / 'no-corpus'}"
+    return {"train": ["train", f"corpus={missing}", f"out_dir={tmp_path / 'run'}"],
+            "distill": ["distill", f"init={tmp_path}", f"out_dir={tmp_path / 'run'}"],
+            "sample": ["sample", str(tmp_path / "no-run"), f"out={tmp_path / 'samples.json'}"],
+            "eval": ["eval", str(tmp_path / "no-run")],
+            "demo": ["demo", f"corpus={missing}", f"out_dir={tmp_path / 'demo'}"]}[command]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_setting_rejects_an_invalid_value_in_one_line(command, tmp_path, capsys):
+    """Settings come from the config definitions, so one added later is covered, or this test names it."""
+    fields = dataclasses.fields(COMMANDS[command])
+    lacking = [f.name for f in fields if invalid_value(f) is None]
+    assert not lacking, (f"duo {command}: no invalid-value case for {lacking}: give each setting() choices or a "
+                         "check (duo_model.config)")
+    for field in fields:
+        argv = base_arguments(command, tmp_path) + [f"{field.name}={invalid_value(field)}"]
+        code = cli.main(argv)
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert code != 0, f"duo {command} accepted {field.name}={invalid_value(field)!r}"
+        assert len(lines) == 1 and "Traceback" not in captured.err, (field.name, captured.err)
+        assert lines[0].startswith(f"duo {command}: error: ") and field.name in lines[0], (field.name, lines[0])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("gamma_min=-1", r"gamma_min=-1.0 must be < gamma_max=-1.85"),
+    ("n_heads=3", r"d_model \(128\) must be n_heads \(3\)"),
+    ("curriculum_start=600", r"curriculum_start=600 must be <= curriculum_end=500"),
+    ("lr=nan", r"lr=nan: must be > 0"),
+])
+def test_rules_between_settings(override, message):
+    with pytest.raises(ConfigError, match=message):
+        build(TrainConfig, None, [override])
+
+
+def test_a_bad_setting_exits_with_one_line_and_no_traceback_in_a_process(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "duo_model.cli", "train", "log_every=0"], capture_output=True,
+                            text=True, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["duo train: error: log_every=0: must be >= 1"], result.stderr

@@ -98,8 +98,10 @@ def test_distill_run_writes_a_sampleable_checkpoint_and_resumes_exactly(runs, ca
 def test_distill_errors(runs, cache, tmp_path):
     with pytest.raises(ConfigError, match="init="):
         distill(distill_config(runs, cache, tmp_path / "a", init=""))
-    with pytest.raises(CheckpointError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="init=.*missing does not exist"):
         distill(distill_config(runs, cache, tmp_path / "b", init=str(tmp_path / "missing")))
+    with pytest.raises(CheckpointError, match="init=.*: no checkpoint"):
+        distill(distill_config(runs, cache, tmp_path / "b", init=str(tmp_path)))
     with pytest.raises(CheckpointError, match="algo=ar"):
         distill(distill_config(runs, cache, tmp_path / "c", init=str(runs / "judge")))
 
@@ -214,5 +216,5 @@ def test_missing_judge_or_checkpoint_is_a_clear_error(runs, tmp_path, capsys):
         evaluate_samples(str(tmp_path / "none.json"), EvalConfig(judge=str(runs / "judge")))
     assert main(["sample", str(tmp_path / "nowhere")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    assert main(["sample", str(runs / "judge"), f"out={tmp_path / 'x.json'}"]) == 2
-    assert "samples Duo models" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="samples Duo models"):  # `duo sample` sends AR runs to ar_sample
+        sample_checkpoint(str(runs / "judge"), SampleConfig(out=str(tmp_path / "x.json")))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 MODULES = ["duo_model.ops", "duo_model.dit", "duo_model.data", "duo_model.config", "duo_model.sample",
-           "duo_model.published"]
+           "duo_model.published", "duo_model.ar_sample"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -79,7 +79,7 @@ def test_a_crash_during_a_checkpoint_write_loses_nothing(corpus, cache, tmp_path
     monkeypatch.setattr(checkpoint, "_write_file", real_write)
     folder = tmp_path / "crashed" / "checkpoints"
     assert json.loads((folder / "latest.json").read_text())["step"] == 10
-    assert list(folder.glob(".step-00000020.tmp-*"))  # the broken one is left aside, never pointed to
+    assert not list(folder.glob(".step-*"))  # the broken temporary folder is removed, never pointed to
 
     train(cfg, resume=True)
     assert not list(folder.glob(".step-*"))
@@ -126,3 +126,25 @@ def test_duo_eval_is_the_discrete_nelbo_and_deterministic(corpus, cache, tmp_pat
     first, second = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
     assert first == second and first["algo"] == "duo" and first["val_tokens"] == 2 * 8 * 32
     assert 1 < first["val_ppl"] < 1000
+
+
+def test_a_resumed_run_logs_the_same_metrics_as_an_uninterrupted_one(corpus, cache, tmp_path, monkeypatch):
+    """A checkpoint between metric lines (step 4, lines every 3): the loss summed since the last line
+    is saved with it, so the line at step 6 after a crash and --resume is the uninterrupted run's."""
+    settings = dict(max_steps=9, log_every=3, save_every=4, eval_batches=1)
+    train(tiny_config(corpus, tmp_path / "straight", cache, **settings))
+    real_write = checkpoint._write_file
+
+    def crash_at_step_8(path, data):
+        if ".step-00000008" in str(path):
+            raise RuntimeError("simulated crash")
+        real_write(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_file", crash_at_step_8)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_config(corpus, tmp_path / "crashed", cache, **settings))
+    monkeypatch.undo()
+    train(tiny_config(corpus, tmp_path / "crashed", cache, **settings), resume=True)
+    keep = ("step", "loss", "grad_norm", "val_ppl")
+    assert [{k: m.get(k) for k in keep} for m in metrics(tmp_path / "crashed")] == \
+        [{k: m.get(k) for k in keep} for m in metrics(tmp_path / "straight")]

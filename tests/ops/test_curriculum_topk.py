@@ -9,11 +9,12 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import duo_kernels
 from duo_kernels import reference
+from duo_kernels.ops.curriculum import MIN_TAU
 from duo_kernels.reference.transform import diffusion_transform
 from duo_kernels.triton import normal
 from tests.devices import device_for
@@ -223,6 +224,31 @@ def test_triton_matches_reference_everywhere(vocab_size, k, log10_tau, gamma, co
     tau = 10.0**log10_tau
     got = topk("triton", x0, gamma, vocab_size, k, tau, compat, seed)
     assert_matches_reference(got, x0, gamma, vocab_size, k, tau, compat, seed)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "cpu scalar", "triton", "reference", pytest.param("cuda", marks=pytest.mark.gpu)])
+@settings(max_examples=3, deadline=None)
+@example(vocab_size=OWT_VOCAB, k=8, log10_tau=-19.0, gamma=-2.7, compat=False, seed=0)
+@example(vocab_size=OWT_VOCAB, k=8, log10_tau=math.log10(MIN_TAU), gamma=-2.7, compat=True, seed=1)
+@example(vocab_size=37, k=2, log10_tau=math.log10(MIN_TAU), gamma=4.0, compat=False, seed=2)
+@given(vocab_size=st.sampled_from([37, OWT_VOCAB]), k=st.sampled_from([2, 8]), log10_tau=st.floats(-300.0, -15.0),
+       gamma=st.floats(-8.0, 6.0), compat=st.booleans(), seed=st.integers(0, 2**64 - 1))
+def test_tiny_temperatures(impl, vocab_size, k, log10_tau, gamma, compat, seed):
+    """Down to the smallest accepted tau every backend (the C++ kernel's vector and scalar paths
+    included) gives the reference's finite weights, ids and z_t; below it every backend rejects tau.
+    (The vector path once contracted w / tau - m into an FMA, whose unrounded product turned the
+    weights into NaN from tau ~ 1e-19 on.)"""
+    x0 = random_ids((2, 5), vocab_size, seed=seed % 1000)
+    tau = max(10.0**log10_tau, MIN_TAU)
+    with pytest.MonkeyPatch.context() as patch:
+        if impl == "cpu scalar":
+            patch.setenv("DUO_KERNELS_NO_SIMD", "1")
+        backend = impl.split()[0]
+        got = topk(backend, x0, gamma, vocab_size, k, tau, compat, seed)
+        assert bool(torch.isfinite(got[1]).all())
+        assert_matches_reference(got, x0, gamma, vocab_size, k, tau, compat, seed)
+        with pytest.raises(ValueError, match="tau"):
+            topk(backend, x0, gamma, vocab_size, k, MIN_TAU * (1 - 2**-52), compat, seed)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -307,7 +307,7 @@ BAD_CALLS = [
     ("logits", lambda: ancestral_step(LOGITS.long(), Z, 0.3, 0.4, seed=0)),
     ("logits", lambda: ancestral_step(LOGITS + math.nan, Z, 0.3, 0.4, seed=0)),
     ("logits", lambda: ancestral_step(LOGITS - math.inf, Z, 0.3, 0.4, seed=0)),
-    ("vocab_size", lambda: ancestral_step(LOGITS[..., :1], Z, 0.3, 0.4, seed=0)),
+    ("logits", lambda: ancestral_step(LOGITS[..., :1], Z, 0.3, 0.4, seed=0)),
     ("z_t", lambda: ancestral_step(LOGITS, Z + 5, 0.3, 0.4, seed=0)),
     ("z_t", lambda: ancestral_step(LOGITS, Z[:, :2], 0.3, 0.4, seed=0)),
     ("z_t", lambda: usdm_posterior(PROBS, Z.float(), 0.3, 0.4)),
