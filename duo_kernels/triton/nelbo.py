@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from duo_kernels._dispatch import triton_interpreted
+from duo_kernels.triton.target import gpu_capability
 
 # 4096 fp32 lanes: 16 per thread at 8 warps, 13 tiles per row at V = 50258. [unmeasured on GPU]
 # The interpreter's cost is per op rather than per element: 65536-lane tiles run a V = 151936 row 4x
@@ -70,6 +70,15 @@ from duo_kernels._dispatch import triton_interpreted
 # online log-sum-exp across tiles.
 # V is a constexpr: the interpreter (numpy 2) cannot loop to a runtime bound, and a fixed trip count
 # costs one compile per vocabulary size.
+# Rows of odd length (V = 50257, a contiguous (B, L, V) tensor) start at 2-byte-aligned addresses: Triton
+# cannot prove 16-byte alignment of ``p_row + o_k`` and emits one 16-bit load per element (here, in the
+# DCD and in the sampling kernels); V = 151936 (divisible by 16) gets 128-bit loads. Not measured: no
+# GPU was available. Why it likely costs little: a warp's scalar loads of adjacent elements fall in the
+# same 32-byte sectors, so DRAM traffic is the same and only the load-instruction count grows (8x for
+# bf16), in kernels that are bandwidth-bound at 16 lanes per thread. If the GPU report shows these rows
+# far from their memory floor, the remedy needs no kernel change: the kernels take strides, so logits
+# of a vocabulary padded to a multiple of 64 (e.g. 50304) and sliced to V keep a 16-divisible row
+# stride, which Triton specialises on (the alignment its vectorised loads need; unverified on a GPU).
 BLOCK_V = 4096
 INTERPRETER_BLOCK_V = 65536
 NUM_WARPS = 8
@@ -272,8 +281,8 @@ def _usdm_nelbo_bwd_kernel(p_grad, p_logits, p_z, p_x0, p_alpha, p_dalpha, p_kee
         tl.store(p_drow + o_k, b_d.to(p_dlogits.dtype.element_ty), mask=m_v)
 
 
-def block_v(vocab_size: int) -> int:
-    block = INTERPRETER_BLOCK_V if triton_interpreted() else BLOCK_V
+def block_v(vocab_size: int, device) -> int:
+    block = BLOCK_V if gpu_capability(device) else INTERPRETER_BLOCK_V
     return min(block, triton.next_power_of_2(vocab_size))
 
 
@@ -296,7 +305,7 @@ def usdm_nelbo_forward(logits: torch.Tensor, z_t: torch.Tensor, x0: torch.Tensor
     if n:
         _usdm_nelbo_fwd_kernel[(n,)](
             logits, z_t, x0, alpha_t, dalpha_t, _keep_or(keep, loss), loss, stats, logits.stride(0),
-            logits.stride(1), l, vocab_size, HAS_KEEP=keep is not None, BLOCK_V=block_v(vocab_size),
+            logits.stride(1), l, vocab_size, HAS_KEEP=keep is not None, BLOCK_V=block_v(vocab_size, logits.device),
             num_warps=NUM_WARPS)
     return loss, stats
 
@@ -311,5 +320,5 @@ def usdm_nelbo_backward(grad_loss: torch.Tensor, logits: torch.Tensor, z_t: torc
         _usdm_nelbo_bwd_kernel[(b * l,)](
             grad_loss, logits, z_t, x0, alpha_t, dalpha_t, _keep_or(keep, grad_loss), stats, dlogits,
             logits.stride(0), logits.stride(1), l, vocab_size, HAS_KEEP=keep is not None,
-            BLOCK_V=block_v(vocab_size), num_warps=NUM_WARPS)
+            BLOCK_V=block_v(vocab_size, logits.device), num_warps=NUM_WARPS)
     return dlogits
