@@ -150,7 +150,9 @@ def _cpu_forward(logits: Tensor, z_t: Tensor, x0: Tensor, alpha_t: Tensor, dalph
         big_g = r * r * (p * p * _log1p_minus_over_square_fp32(t)).sum(-1, dtype=torch.float64)
         s_l = torch.log1p(t).sum(-1, dtype=torch.float64)
         # the backward's row sum: W = sum_j p_j^2/(1 + t_j) for r < 1, U = sum_j t_j/(1 + t_j) for r >= 1
-        s_u = (torch.where(r[:, None] < 1.0, p * p, t) / (1.0 + t)).sum(-1, dtype=torch.float64)
+        # (in place: the last use of t)
+        s_u = torch.where(r[:, None] < 1.0, p, r.to(torch.float32)[:, None]).mul_(p).div_(t.add_(1.0)).sum(
+            -1, dtype=torch.float64)
 
         def log_p(ids):
             return (x.gather(-1, ids[:, None])[:, 0] - row_max).to(torch.float64) - log_s
@@ -190,11 +192,13 @@ def _cpu_backward(grad_loss: Tensor, logits: Tensor, z_t: Tensor, x0: Tensor, al
         scale = grad_loss[start:stop].to(torch.float64) * scale
         if keep is not None:
             scale = torch.where(keep[start:stop], scale, 0.0)
-        t = p * r.to(torch.float32)[:, None]
-        d = (x1.float()[:, None] + x2.float()[:, None] * p) * p / (1.0 + t) - y.float()[:, None] * p
-        d.scatter_add_(-1, z[:, None], s_i.float()[:, None])
-        d.scatter_add_(-1, m[:, None], s_m.float()[:, None])
-        d *= scale.float()[:, None]
+        x1, x2, y, s_i, s_m = ((scale * v).float()[:, None] for v in (x1, x2, y, s_i, s_m))
+        # d = (x1 + x2 p) p/(1 + t) - y p + sparse terms, in two (chunk, V) buffers
+        d = torch.div(p, (p * r.to(torch.float32)[:, None]).add_(1.0))
+        w = torch.mul(p, x2).add_(x1)
+        d.mul_(w).sub_(torch.mul(p, y, out=w))
+        d.scatter_add_(-1, z[:, None], s_i)
+        d.scatter_add_(-1, m[:, None], s_m)
         if keep is not None:
             d = torch.where(keep[start:stop, None], d, 0.0)
         flat[start:stop] = d
