@@ -12,6 +12,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests.compiled_scalars import install  # noqa: E402
+
+    install()  # interpreted kernels see their scalar arguments as the compiled kernels do
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True, database=None)

@@ -61,9 +61,10 @@ class RelaxedEmbedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int, *, deterministic: bool = False, impl: str = "auto",
                  device=None, dtype=None):
         super().__init__()
-        _validate.check_vocab_size(vocab_size)
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        vocab_size = _validate.check_vocab_size(vocab_size)
+        if not _validate.is_int(dim) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
+        dim = int(dim)
         if not isinstance(deterministic, bool):
             raise ValueError(f"deterministic must be a bool, got {deterministic!r}")
         check_impl(impl)

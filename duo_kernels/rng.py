@@ -52,6 +52,7 @@ import math
 
 import torch
 
+from duo_kernels import _validate
 from duo_kernels._dispatch import resolve_backend
 
 SEED_LIMIT = 2**64
@@ -72,11 +73,11 @@ def resolve_seed(seed: int | None = None, generator: torch.Generator | None = No
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not _validate.is_int(seed):
             raise ValueError(f"seed must be an int in [0, 2^64) or None, got {seed!r}")
         if not 0 <= seed < SEED_LIMIT:
             raise ValueError(f"seed must be in [0, 2^64), got {seed}")
-        return seed
+        return int(seed)
     gen = generator if generator is not None else torch.default_generator
     if gen.device.type == "cpu":
         hi, lo = torch.randint(0, 2**32, (2,), generator=gen, dtype=torch.int64).tolist()
@@ -113,26 +114,26 @@ def _mix64(x: int) -> int:
 
 
 def check_offset(offset) -> int:
-    if isinstance(offset, bool) or not isinstance(offset, int):
+    if not _validate.is_int(offset):
         raise ValueError(f"offset must be an int in [0, 2^63), got {offset!r}")
     if not 0 <= offset < OFFSET_LIMIT:
         raise ValueError(f"offset must be in [0, 2^63), got {offset}")
-    return offset
+    return int(offset)
 
 
 def _check_shape(shape) -> tuple[int, ...]:
-    if isinstance(shape, int):
+    if _validate.is_int(shape):
         shape = (shape,)
     try:
         shape = tuple(shape)
     except TypeError:
         raise ValueError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
     for d in shape:
-        if isinstance(d, bool) or not isinstance(d, int):
+        if not _validate.is_int(d):
             raise ValueError(f"shape must hold ints, got {shape!r}")
         if d < 0:
             raise ValueError(f"shape must have non-negative dims, got {shape!r}")
-    return shape
+    return tuple(int(d) for d in shape)
 
 
 def _prepare(shape, seed, generator, offset, numel_factor=1):
@@ -273,8 +274,9 @@ def randint(shape, high: int, seed: int | None = None, offset: int = 0, *,
         >>> int(randint((1000,), high=10, seed=0).max()) < 10
         True
     """
-    if isinstance(high, bool) or not isinstance(high, int) or not 1 <= high <= 2**31:
+    if not _validate.is_int(high) or not 1 <= high <= 2**31:
         raise ValueError(f"high must be an int in [1, 2^31], got {high!r}")
+    high = int(high)
     shape, seed, offset = _prepare(shape, seed, generator, offset)
     device = torch.device(device or "cpu")
     backend = resolve_backend("rng.randint", impl, str(device), _RANDINT)

@@ -80,6 +80,32 @@ def nelbo_row_constants(vocab_size: int, alpha: Tensor, dalpha: Tensor, z_t: Ten
     return one_minus_a, r, coeff, kappa, ne, c2
 
 
+def nelbo_gradient_row_scalars(k: float, one_minus_a: Tensor, r: Tensor, coeff: Tensor, c2: Tensor, ne: Tensor,
+                               dalpha: Tensor, log_p_i: Tensor, log_p_m: Tensor, row_sum: Tensor):
+    """float64 per-row scalars of d loss / d l_k = scale ((x1 + x2 p_k) p_k/(1 + t_k) - y p_k + [k = i] s_i
+    + [k = m] s_m), from ``log p_i``, ``log p_m`` and the forward's row sum (W for r < 1, U for r >= 1):
+    (3.6) for r >= 1, its cancellation-free form for r < 1 (see :mod:`duo_kernels.triton.nelbo`)."""
+    small = r < 1.0
+    p_i, p_m = torch.exp(log_p_i), torch.exp(log_p_m)
+    # r >= 1: scale = coeff, x1 = c2 r, x2 = 0, y = c2 U + s_i + s_m
+    t_i, t_m = r * p_i, r * p_m
+    big_si = t_i / (1.0 + t_i) * (k / (one_minus_a * (1.0 + t_i)) - c2 * k - ne * r)
+    big_sm = ne * r * t_m / (1.0 + t_m)
+    # r < 1: s_i, s_m and y over r^2; scale = coeff r^2 = alpha' r/(1 - a)
+    rs = torch.where(small, r, 0.5)
+    t_i, t_m = rs * p_i, rs * p_m
+    small_si = torch.where(ne == 0, p_i * (1.0 + rs - k * torch.expm1(log_p_i)) / ((1.0 + t_i) ** 2 * (1.0 + rs)),
+                           -(k + rs) * (p_i / (1.0 + t_i)) ** 2)
+    small_sm = ne * p_m / (1.0 + t_m)
+    scale = torch.where(small, dalpha / one_minus_a * rs, coeff)
+    x1 = torch.where(small, 0.0, c2 * r)
+    x2 = torch.where(small, -c2, 0.0)
+    s_i = torch.where(small, small_si, big_si)
+    s_m = torch.where(small, small_sm, big_sm)
+    y = torch.where(small, s_i + s_m - c2 * row_sum, c2 * row_sum + s_i + s_m)
+    return scale, x1, x2, y, s_i, s_m
+
+
 def _cpu_rows(logits: Tensor, keep: Tensor | None, start: int, stop: int) -> Tensor:
     """fp32 rows (possibly the caller's own tensor: never modify in place); a masked row is replaced by
     zeros (finite), so that NaN in it cannot leak."""
@@ -123,7 +149,10 @@ def _cpu_forward(logits: Tensor, z_t: Tensor, x0: Tensor, alpha_t: Tensor, dalph
         # G = sum_j t_j - log(1 + t_j) = r^2 sum_j p_j^2 (t_j - log(1 + t_j))/t_j^2: no underflow at tiny r
         big_g = r * r * (p * p * _log1p_minus_over_square_fp32(t)).sum(-1, dtype=torch.float64)
         s_l = torch.log1p(t).sum(-1, dtype=torch.float64)
-        s_u = (t / (1.0 + t)).sum(-1, dtype=torch.float64)
+        # the backward's row sum: W = sum_j p_j^2/(1 + t_j) for r < 1, U = sum_j t_j/(1 + t_j) for r >= 1
+        # (in place: the last use of t)
+        s_u = torch.where(r[:, None] < 1.0, p, r.to(torch.float32)[:, None]).mul_(p).div_(t.add_(1.0)).sum(
+            -1, dtype=torch.float64)
 
         def log_p(ids):
             return (x.gather(-1, ids[:, None])[:, 0] - row_max).to(torch.float64) - log_s
@@ -152,23 +181,24 @@ def _cpu_backward(grad_loss: Tensor, logits: Tensor, z_t: Tensor, x0: Tensor, al
             vocab_size, alpha_t[start:stop], dalpha_t[start:stop], z, m)
         row_max, log_s, s_u = stats[start:stop].unbind(-1)
 
-        def t_at(ids):
-            return r * torch.exp((x.gather(-1, ids[:, None])[:, 0] - row_max).to(torch.float64)
-                                 - log_s.to(torch.float64))
+        def log_p(ids):
+            return (x.gather(-1, ids[:, None])[:, 0] - row_max).to(torch.float64) - log_s.to(torch.float64)
 
-        t_i, t_m = t_at(z), t_at(m)
+        log_p_i, log_p_m = log_p(z), log_p(m)
         p = torch.exp((x - row_max[:, None]) - log_s[:, None])
         del x
-        s_i = t_i / (1.0 + t_i) * (k / (one_minus_a * (1.0 + t_i)) - c2 * k - ne * r)
-        s_m = ne * r * t_m / (1.0 + t_m)
-        g = grad_loss[start:stop].to(torch.float64) * coeff
+        scale, x1, x2, y, s_i, s_m = nelbo_gradient_row_scalars(
+            k, one_minus_a, r, coeff, c2, ne, dalpha_t[start:stop], log_p_i, log_p_m, s_u.to(torch.float64))
+        scale = grad_loss[start:stop].to(torch.float64) * scale
         if keep is not None:
-            g = torch.where(keep[start:stop], g, 0.0)
-        t = p * r.to(torch.float32)[:, None]
-        d = (g * c2).to(torch.float32)[:, None] * (t / (1.0 + t))
-        d -= (g * (c2 * s_u.to(torch.float64) + s_i + s_m)).to(torch.float32)[:, None] * p
-        d.scatter_add_(-1, z[:, None], (g * s_i).to(torch.float32)[:, None])
-        d.scatter_add_(-1, m[:, None], (g * s_m).to(torch.float32)[:, None])
+            scale = torch.where(keep[start:stop], scale, 0.0)
+        x1, x2, y, s_i, s_m = ((scale * v).float()[:, None] for v in (x1, x2, y, s_i, s_m))
+        # d = (x1 + x2 p) p/(1 + t) - y p + sparse terms, in two (chunk, V) buffers
+        d = torch.div(p, (p * r.to(torch.float32)[:, None]).add_(1.0))
+        w = torch.mul(p, x2).add_(x1)
+        d.mul_(w).sub_(torch.mul(p, y, out=w))
+        d.scatter_add_(-1, z[:, None], s_i)
+        d.scatter_add_(-1, m[:, None], s_m)
         if keep is not None:
             d = torch.where(keep[start:stop, None], d, 0.0)
         flat[start:stop] = d

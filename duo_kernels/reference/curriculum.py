@@ -25,13 +25,13 @@ from duo_kernels.rng import resolve_seed
 
 
 def _check_k(k, vocab_size: int, reference_compat: bool) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
+    if not _validate.is_int(k):
         raise ValueError(f"k must be an int, got {k!r}")
     lowest = 2 if reference_compat else 1
     if not lowest <= k <= vocab_size - 1:
         why = " (reference_compat needs k >= 2: its tail starts at o_{k-2})" if reference_compat else ""
         raise ValueError(f"k must be in [{lowest}, vocab_size - 1 = {vocab_size - 1}], got {k}{why}")
-    return k
+    return int(k)
 
 
 def _check_embedding(weight) -> int:

@@ -79,7 +79,9 @@ def nelbo_bracket_over_r(k: float, r: torch.Tensor, big_g: torch.Tensor, s_l: to
         + (1.0 + rs) * log1p_minus(rs)
     equal = (rs * rs * torch.expm1(log_p_i) * (1.0 - k * p_i) / (1.0 + t_i) + k * log1p_minus(t_i)
              - big_g - (k - 1.0) * log1p_minus(rs)) / (1.0 + rs)
-    cancellation_free = torch.where(same, equal, differ) / rs
+    # below r = 1e-150 the O(r^2) bracket is 0 in float64, so dividing by max(r, 1e-150) changes no value and
+    # keeps 1/r finite for the backward (0 * inf would be NaN at a subnormal alpha_t)
+    cancellation_free = torch.where(same, equal, differ) / rs.clamp_min(1e-150)
 
     rl = torch.where(small, 2.0, r)
     t_i, t_m = rl * p_i, rl * torch.exp(log_p_m)

@@ -316,9 +316,9 @@ def _parse_number(name: str, spec: str, text: str) -> float:
 def _segment_sizes(n: int, high_frac, middle_frac) -> tuple[int, int, int]:
     """(n_hi, n_mid, n_low) with Python's round (half to even), as the published code."""
     for name, frac in (("high_frac", high_frac), ("middle_frac", middle_frac)):
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 1.0:
+        if not _validate.is_number(frac) or not 0.0 <= frac <= 1.0:
             raise ValueError(f"{name} must be a number in [0, 1], got {frac!r}")
-    n_hi, n_mid = round(high_frac * n), round(middle_frac * n)
+    n_hi, n_mid = round(float(high_frac) * n), round(float(middle_frac) * n)
     if n_hi + n_mid > n:
         raise ValueError(f"high_frac + middle_frac must be <= 1, got {high_frac} + {middle_frac}")
     return n_hi, n_mid, n - n_hi - n_mid
@@ -352,10 +352,11 @@ def sampling_timesteps(profile: str, steps: int, eps: float = 1e-5, *, high_frac
         >>> ts.shape, round(float(ts[116]), 12)
         (torch.Size([257]), 0.1)
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not _validate.is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < 1.0:
+    if not _validate.is_number(eps) or not 0.0 < eps < 1.0:
         raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
+    steps, eps = int(steps), float(eps)
     _check_schedule(schedule)
     n = steps + 1
     if profile == "linear":
@@ -447,8 +448,9 @@ def psi_kappas(mode, timesteps: torch.Tensor, schedule: str = "loglinear", *, hi
         0.8999
     """
     _check_schedule(schedule)
-    if isinstance(noise_eps, bool) or not isinstance(noise_eps, (int, float)) or not 0.0 <= noise_eps < 1.0:
+    if not _validate.is_number(noise_eps) or not 0.0 <= noise_eps < 1.0:
         raise ValueError(f"noise_eps must be a number in [0, 1), got {noise_eps!r}")
+    noise_eps = float(noise_eps)
     _validate.check_tensor("timesteps", timesteps, dtypes=_validate.FLOAT_DTYPES, ndim=1)
     ts = timesteps.to(torch.float64)
     _validate.check_range("timesteps", ts, 0.0, 1.0, lo_open=False, hi_open=False)

@@ -44,7 +44,7 @@ def _as_float_tensor(name: str, value) -> torch.Tensor:
         if value.is_complex() or value.dtype == torch.bool:
             raise ValueError(f"{name} must be a real tensor or a number, got dtype {value.dtype}")
         return value if value.is_floating_point() else value.to(torch.float64)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _validate.is_number(value):
         raise ValueError(f"{name} must be a tensor or a number, got {type(value).__name__}")
     return torch.tensor(float(value), dtype=torch.float64)
 
@@ -54,7 +54,7 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 
 
 def _check_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not _validate.is_number(value) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 

@@ -25,18 +25,24 @@ dE is deterministic without atomics; it recomputes the scores from the RNG.
 
 GPU cost drivers (not yet measured: no GPU was available): every score needs a Philox block and a
 float64 Box-Muller (the contract's exact float32 normal, so that z_t matches the reference); programs
-of different d tiles repeat that work (3 times at d = 768, in forward and in backward); and the two
+of different d tiles repeat that work (12 times at d = 768, in forward and in backward); and the two
 (B L) x V x d GEMMs run as fp32 FMA unless ``torch.set_float32_matmul_precision("high")`` allows TF32.
 The first levers if the GPU report falls short: a float32 Box-Muller (normals within a few ulp of
-the contract, z_t then equal except at near-ties), and wider d tiles.
+the contract, z_t then equal except at near-ties, and fewer registers per score), which would let the
+d tiles widen without spilling (see :func:`_dense_tiles`).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from duo_kernels._dispatch import triton_interpreted
 from duo_kernels.triton.rng import box_muller, uniform24
+from duo_kernels.triton.target import gpu_capability
+
+# Spill budgets of the compile gate (tests/test_compile_gate.py), bytes per thread: the backward at
+# TF32 on sm_90 spills 16 + 8 B around the calls of its float64 Box-Muller (24 call sites in the PTX;
+# 16-token tiles still spill 8 + 4 B); the other targets and precisions do not spill.
+SPILL_BUDGETS = {"_dense_bwd_kernel": 24}
 
 
 # Loop bounds. The Triton 3.6 interpreter turns a runtime ``range(n)`` bound into a Python int through
@@ -196,10 +202,10 @@ def _noise(seed, counters):
     return box_muller(uniform24(w0), uniform24(w1)).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dense_fwd_kernel(x_ptr, a_ptr, s_ptr, a_tau_ptr, s_tau_ptr, c_ptr, e_ptr,
                       h_ptr, z_ptr, m_ptr, lse_ptr, px_ptr,
-                      seed, N, V: tl.constexpr, D, stride_ev,
+                      seed: tl.uint64, N, V: tl.constexpr, D, stride_ev,
                       PRECISION: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
     """One program: BT tokens x BD columns of h; loops over the vocabulary in tiles of BV.
 
@@ -235,7 +241,7 @@ def _dense_fwd_kernel(x_ptr, a_ptr, s_ptr, a_tau_ptr, s_tau_ptr, c_ptr, e_ptr,
         b_p = tl.exp(tl.where(m_noise, b_c[:, None] * (b_eps - b_m_new[:, None]), float("-inf")))
         b_l = b_l * b_rescale + tl.sum(b_p, axis=1)
         # [BV, BD]
-        b_e = tl.load(e_ptr + o_v[:, None] * stride_ev + o_d[None, :], mask=m_v[:, None] & m_d[None, :],
+        b_e = tl.load(e_ptr + o_v[:, None].to(tl.int64) * stride_ev + o_d[None, :], mask=m_v[:, None] & m_d[None, :],
                       other=0.0).to(tl.float32)
         b_acc = b_acc * b_rescale[:, None] + tl.dot(b_p, b_e, input_precision=PRECISION)
         b_m = b_m_new
@@ -268,9 +274,9 @@ def _dense_fwd_kernel(x_ptr, a_ptr, s_ptr, a_tau_ptr, s_tau_ptr, c_ptr, e_ptr,
     tl.store(px_ptr + o_t, b_ex * b_inv, mask=m_first)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dense_bwd_kernel(x_ptr, c_ptr, m_ptr, lse_ptr, px_ptr, dh_ptr, de_ptr,
-                      seed, N, V, D,
+                      seed: tl.uint64, N, V, D,
                       PRECISION: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
     """dE[tile] = P[:, tile]^T @ dh for one (BV rows, BD columns) tile of dE, over all tokens in order."""
     o_v = tl.program_id(0).to(tl.int64) * BV + tl.arange(0, BV)
@@ -301,14 +307,18 @@ def _dense_bwd_kernel(x_ptr, c_ptr, m_ptr, lse_ptr, px_ptr, dh_ptr, de_ptr,
     tl.store(de_ptr + o_v[:, None] * D + o_d[None, :], b_de, mask=m_v[:, None] & m_d[None, :])
 
 
-def _dense_tiles(d: int) -> dict:
-    """Tile sizes: small under the interpreter (~1 ms per program step). On a GPU: 64 x 64 score tiles
-    and d tiles of up to 256 columns (d = 768 runs as 3 d tiles, each repeating the RNG work), two
-    pipeline stages so that a [64, 256] fp32 operand tile (64 KiB) fits shared memory twice.
-    [Untuned: no GPU was available when this was written.]"""
-    if triton_interpreted():
+def _dense_tiles(d: int, device) -> dict:
+    """Tile sizes: small under the interpreter (~1 ms per program step). On a GPU: 32 x 32 score tiles,
+    d tiles of up to 64 columns, 8 warps. Each thread then holds 4 scores, whose float64 Box-Muller is
+    what fills the registers. Compiled for sm_80 / sm_89 / sm_90 at both matmul precisions (the compile
+    gate, tests/test_compile_gate.py): 174-194 registers, no spills, 12.4 KB of shared memory, under the
+    99 KB per block of sm_86 / sm_89, so one tile set fits every target. Measured there too:
+    BD = 128 spills 144-248 B per thread (255 registers); 64 x 64 x 256 tiles spilled ~59 KB (ieee) and
+    needed 112-145 KB of shared memory. [Speed untuned: no GPU was available; d = 768 runs as 12 d
+    tiles, each repeating the RNG work.]"""
+    if not gpu_capability(device):
         return dict(BT=16, BV=64, BD=_pow2(d, hi=64), num_warps=4, num_stages=1)
-    return dict(BT=64, BV=64, BD=_pow2(d, hi=256), num_warps=8, num_stages=2)
+    return dict(BT=32, BV=32, BD=_pow2(d, hi=64), num_warps=8, num_stages=2)
 
 
 def matmul_precision() -> str:
@@ -334,7 +344,7 @@ def dense_forward(x: torch.Tensor, a_tilde: torch.Tensor, s_tilde: torch.Tensor,
     z = torch.empty(n, dtype=torch.int64, device=device)
     stats = torch.empty(3, n, dtype=torch.float32, device=device)  # m, lse, p_x
     if n:
-        tiles = _dense_tiles(d)
+        tiles = _dense_tiles(d, device)
         grid = (triton.cdiv(n, tiles["BT"]), triton.cdiv(d, tiles["BD"]))
         _dense_fwd_kernel[grid](x, a_tilde, s_tilde, a_tau, s_tau, c, weight, h, z, stats[0], stats[1], stats[2],
                                 seed, n, v, d, weight.stride(0), PRECISION=matmul_precision(), **tiles)
@@ -347,7 +357,7 @@ def dense_backward(dh: torch.Tensor, x: torch.Tensor, saved, vocab_size: int, se
     n, d = dh.shape
     dh = dh.to(torch.float32).contiguous()
     d_weight = torch.empty(vocab_size, d, dtype=torch.float32, device=dh.device)
-    tiles = _dense_tiles(d)
+    tiles = _dense_tiles(d, dh.device)
     grid = (triton.cdiv(vocab_size, tiles["BV"]), triton.cdiv(d, tiles["BD"]))
     _dense_bwd_kernel[grid](x, c, stats[0], stats[1], stats[2], dh, d_weight, seed, n, vocab_size, d,
                             PRECISION=matmul_precision(), **tiles)

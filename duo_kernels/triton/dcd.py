@@ -37,6 +37,12 @@ import triton.language as tl
 
 from duo_kernels.triton.nelbo import NUM_WARPS, block_v, log1p, lse_step, row_pointer
 
+# Spill budgets of the compile gate (tests/test_compile_gate.py), bytes per thread. The forward's
+# per-row float64 statistics divide 5 times (div.rn.f64); ptxas calls a slow-path subroutine for
+# that, and saving registers around the call costs 56-88 B of spill stores + loads on sm_80/89/90
+# (fp32 or 16-bit logits), once per row, not per element; 2048-lane tiles did not remove them.
+SPILL_BUDGETS = {"_dcd_kl_fwd_kernel": 88}
+
 
 @triton.jit
 def phi_times_p(b_y, b_lp, b_p):
@@ -187,7 +193,7 @@ def dcd_kl_forward(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Ten
     if n:
         _dcd_kl_fwd_kernel[(n,)](
             p, q, keep if keep is not None else loss, loss, stats, p.stride(0), p.stride(1), q.stride(0),
-            q.stride(1), l, vocab_size, HAS_KEEP=keep is not None, BLOCK_V=block_v(vocab_size),
+            q.stride(1), l, vocab_size, HAS_KEEP=keep is not None, BLOCK_V=block_v(vocab_size, p.device),
             num_warps=NUM_WARPS)
     return loss, stats
 
@@ -202,6 +208,6 @@ def dcd_kl_backward(grad_loss: torch.Tensor, student: torch.Tensor, teacher: tor
         _dcd_kl_bwd_kernel[(b * l,)](
             grad_loss, student, teacher, keep if keep is not None else grad_loss, stats, dstudent, student.stride(0),
             student.stride(1), teacher.stride(0), teacher.stride(1), l, vocab_size, REVERSE=reverse,
-            HAS_KEEP=keep is not None, BLOCK_V=block_v(vocab_size), num_warps=NUM_WARPS)
+            HAS_KEEP=keep is not None, BLOCK_V=block_v(vocab_size, student.device), num_warps=NUM_WARPS)
     return dstudent
 

@@ -37,7 +37,15 @@ Gradient. With ``u_k = r p_k / (1 + r p_k)`` (in [0, 1)), ``U = sum_k u_k`` and 
     d loss / d l_k = coeff (c2 u_k - p_k C + [k = i] s_i + [k = m] s_m),   C = c2 U + s_i + s_m,
     s_i = u_i (K / ((1 - a)(1 + r p_i)) - c2 K - [ne] r),   s_m = [ne] r u_m.
 
-So the forward also emits ``U`` (with the row's max ``M`` and ``log S``, ``lse = M + log S``; kept
+For r < 1 these are O(1/a) terms that sum to O(a) (fp32: 4e-2 relative error at a = 1e-6, K = 11), so
+there the backward uses the same identity over r^2: with ``W = sum_k p_k^2/(1 + t_k)`` (so ``U = r - r^2 W``),
+
+    d loss / d l_k = alpha' r/(1 - a) (c2 (p_k W - p_k^2/(1 + t_k)) + s'_i ([k = i] - p_k) + s'_m ([k = m] - p_k)),
+    s'_i = p_i (K (1 - p_i) + 1 + r)/((1 + t_i)^2 (1 + r))  (z_t = x0),   -(K + r) p_i^2/(1 + t_i)^2  (z_t != x0),
+    s'_m = [ne] p_m/(1 + t_m),
+
+every term O(1) (``s_i = r^2 s'_i``, ``s_m = r^2 s'_m``). So the forward also
+emits ``U`` (``W`` for r < 1) (with the row's max ``M`` and ``log S``, ``lse = M + log S``; kept
 apart because ``M + log S`` rounds to fp32 ulps of ``|M|``, 1e-3 at logits of 1e4), and the backward
 is one elementwise pass that writes ``d logits`` once, in the logits' dtype. Rows whose weight is 0
 ("masked") read nothing and give exactly 0 loss and 0 gradient; a row holding NaN or +inf gives NaN
@@ -54,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from duo_kernels._dispatch import triton_interpreted
+from duo_kernels.triton.target import gpu_capability
 
 # 4096 fp32 lanes: 16 per thread at 8 warps, 13 tiles per row at V = 50258. [unmeasured on GPU]
 # The interpreter's cost is per op rather than per element: 65536-lane tiles run a V = 151936 row 4x
@@ -62,6 +70,15 @@ from duo_kernels._dispatch import triton_interpreted
 # online log-sum-exp across tiles.
 # V is a constexpr: the interpreter (numpy 2) cannot loop to a runtime bound, and a fixed trip count
 # costs one compile per vocabulary size.
+# Rows of odd length (V = 50257, a contiguous (B, L, V) tensor) start at 2-byte-aligned addresses: Triton
+# cannot prove 16-byte alignment of ``p_row + o_k`` and emits one 16-bit load per element (here, in the
+# DCD and in the sampling kernels); V = 151936 (divisible by 16) gets 128-bit loads. Not measured: no
+# GPU was available. Why it likely costs little: a warp's scalar loads of adjacent elements fall in the
+# same 32-byte sectors, so DRAM traffic is the same and only the load-instruction count grows (8x for
+# bf16), in kernels that are bandwidth-bound at 16 lanes per thread. If the GPU report shows these rows
+# far from their memory floor, the remedy needs no kernel change: the kernels take strides, so logits
+# of a vocabulary padded to a multiple of 64 (e.g. 50304) and sliced to V keep a 16-divisible row
+# stride, which Triton specialises on (the alignment its vectorised loads need; unverified on a GPU).
 BLOCK_V = 4096
 INTERPRETER_BLOCK_V = 65536
 NUM_WARPS = 8
@@ -163,7 +180,7 @@ def _usdm_nelbo_fwd_kernel(p_logits, p_z, p_x0, p_alpha, p_dalpha, p_keep, p_los
         b_t = b_r * b_p
         b_acc_g += b_p * b_p * log1p_minus_over_square(b_t)
         b_acc_l += log1p(b_t)
-        b_acc_u += b_t / (1.0 + b_t)
+        b_acc_u += tl.where(r < 1.0, b_p * b_p, b_t) / (1.0 + b_t)  # W for r < 1, U for r >= 1
     big_g = r * r * tl.sum(b_acc_g.to(tl.float64))  # G = sum_j t_j - log(1 + t_j)
     s_l = tl.sum(b_acc_l.to(tl.float64))
     s_u = tl.sum(b_acc_u.to(tl.float64))
@@ -221,15 +238,33 @@ def _usdm_nelbo_bwd_kernel(p_grad, p_logits, p_z, p_x0, p_alpha, p_dalpha, p_kee
 
     b_li = tl.load(p_row + i, mask=keep, other=0.0).to(tl.float32)
     b_lm = tl.load(p_row + m, mask=keep, other=0.0).to(tl.float32)
-    t_i = r * tl.exp((b_li - b_max).to(tl.float64) - b_log_s.to(tl.float64))
-    t_m = r * tl.exp((b_lm - b_max).to(tl.float64) - b_log_s.to(tl.float64))
-    s_i = t_i / (1.0 + t_i) * (k / (one_minus_a * (1.0 + t_i)) - c2 * k - ne * r)
-    s_m = ne * r * t_m / (1.0 + t_m)
-    g = tl.load(p_grad + row).to(tl.float64) * coeff
-    g_c2 = (g * c2).to(tl.float32)
-    g_c = (g * (c2 * s_u + s_i + s_m)).to(tl.float32)
-    g_si = (g * s_i).to(tl.float32)
-    g_sm = (g * s_m).to(tl.float32)
+    log_p_i = (b_li - b_max).to(tl.float64) - b_log_s.to(tl.float64)
+    log_p_m = (b_lm - b_max).to(tl.float64) - b_log_s.to(tl.float64)
+    p_i = tl.exp(log_p_i)
+    p_m = tl.exp(log_p_m)
+    small = r < 1.0
+    # r >= 1: scale = coeff, x1 = c2 r, x2 = 0, y = c2 U + s_i + s_m
+    t_i = r * p_i
+    t_m = r * p_m
+    big_si = t_i / (1.0 + t_i) * (k / (one_minus_a * (1.0 + t_i)) - c2 * k - ne * r)
+    big_sm = ne * r * t_m / (1.0 + t_m)
+    # r < 1: s_i, s_m, y over r^2; scale = coeff r^2 = alpha' r/(1 - a)
+    rs = tl.where(small, r, 0.5)
+    t_i = rs * p_i
+    t_m = rs * p_m
+    small_si = tl.where(ne == 0.0, p_i * (1.0 + rs - k * expm1(log_p_i)) / ((1.0 + t_i) * (1.0 + t_i) * (1.0 + rs)),
+                        -(k + rs) * (p_i / (1.0 + t_i)) * (p_i / (1.0 + t_i)))
+    small_sm = ne * p_m / (1.0 + t_m)
+    s_i = tl.where(small, small_si, big_si)
+    s_m = tl.where(small, small_sm, big_sm)
+    scale = tl.load(p_grad + row).to(tl.float64) * tl.where(
+        small, tl.load(p_dalpha + row).to(tl.float64) / one_minus_a * rs, coeff)
+    b_scale = tl.where(keep, scale, 0.0).to(tl.float32)
+    b_x1 = tl.where(small, 0.0, c2 * r).to(tl.float32)
+    b_x2 = tl.where(small, -c2, 0.0).to(tl.float32)
+    b_y = tl.where(small, s_i + s_m - c2 * s_u, c2 * s_u + s_i + s_m).to(tl.float32)
+    b_si = s_i.to(tl.float32)
+    b_sm = s_m.to(tl.float32)
     b_r = r.to(tl.float32)
 
     o_v = tl.arange(0, BLOCK_V)
@@ -240,14 +275,14 @@ def _usdm_nelbo_bwd_kernel(p_grad, p_logits, p_z, p_x0, p_alpha, p_dalpha, p_kee
         b_x = tl.load(p_row + o_k, mask=m_v & keep, other=float("-inf")).to(tl.float32)
         b_p = tl.exp((b_x - b_max) - b_log_s)
         b_t = b_r * b_p
-        b_d = g_c2 * (b_t / (1.0 + b_t)) - g_c * b_p
-        b_d += tl.where(o_k == i, g_si, 0.0) + tl.where(o_k == m, g_sm, 0.0)
-        b_d = tl.where(keep, b_d, 0.0)
+        b_d = (b_x1 + b_x2 * b_p) * b_p / (1.0 + b_t) - b_y * b_p
+        b_d += tl.where(o_k == i, b_si, 0.0) + tl.where(o_k == m, b_sm, 0.0)
+        b_d = tl.where(keep, b_d * b_scale, 0.0)
         tl.store(p_drow + o_k, b_d.to(p_dlogits.dtype.element_ty), mask=m_v)
 
 
-def block_v(vocab_size: int) -> int:
-    block = INTERPRETER_BLOCK_V if triton_interpreted() else BLOCK_V
+def block_v(vocab_size: int, device) -> int:
+    block = BLOCK_V if gpu_capability(device) else INTERPRETER_BLOCK_V
     return min(block, triton.next_power_of_2(vocab_size))
 
 
@@ -261,7 +296,7 @@ def usdm_nelbo_forward(logits: torch.Tensor, z_t: torch.Tensor, x0: torch.Tensor
 
     Per-row inputs are contiguous (B·L,) tensors: int64 ``z_t``, ``x0``, float64 ``alpha_t``,
     ``dalpha_t``, bool ``keep`` (False: a masked row) or None. Returns float32 loss (B·L,) and float32
-    stats (B·L, 3) = (max, log S, U) for :func:`usdm_nelbo_backward`.
+    stats (B·L, 3) = (max, log S, U, or W for r < 1) for :func:`usdm_nelbo_backward`.
     """
     b, l, vocab_size = logits.shape
     n = b * l
@@ -270,7 +305,7 @@ def usdm_nelbo_forward(logits: torch.Tensor, z_t: torch.Tensor, x0: torch.Tensor
     if n:
         _usdm_nelbo_fwd_kernel[(n,)](
             logits, z_t, x0, alpha_t, dalpha_t, _keep_or(keep, loss), loss, stats, logits.stride(0),
-            logits.stride(1), l, vocab_size, HAS_KEEP=keep is not None, BLOCK_V=block_v(vocab_size),
+            logits.stride(1), l, vocab_size, HAS_KEEP=keep is not None, BLOCK_V=block_v(vocab_size, logits.device),
             num_warps=NUM_WARPS)
     return loss, stats
 
@@ -285,5 +320,5 @@ def usdm_nelbo_backward(grad_loss: torch.Tensor, logits: torch.Tensor, z_t: torc
         _usdm_nelbo_bwd_kernel[(b * l,)](
             grad_loss, logits, z_t, x0, alpha_t, dalpha_t, _keep_or(keep, grad_loss), stats, dlogits,
             logits.stride(0), logits.stride(1), l, vocab_size, HAS_KEEP=keep is not None,
-            BLOCK_V=block_v(vocab_size), num_warps=NUM_WARPS)
+            BLOCK_V=block_v(vocab_size, logits.device), num_warps=NUM_WARPS)
     return dlogits

@@ -64,8 +64,8 @@ def randint32_below(w, high):
     return ((w.to(tl.uint32, bitcast=True).to(tl.uint64) * high.to(tl.uint64)) >> 32).to(tl.int64)
 
 
-@triton.jit
-def _fill_kernel(out_ptr, n, seed, offset, high, KIND: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _fill_kernel(out_ptr, n, seed: tl.uint64, offset: tl.int64, high, KIND: tl.constexpr, BLOCK: tl.constexpr):
     # KIND: 0 uniform f32, 1 uniform f64, 2 normal f32, 3 normal f64, 4 randint
     o_i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m_i = o_i < n

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from duo_kernels.triton.rng import randint32_below, uniform53
+from duo_kernels.triton.target import gpu_capability
 
 NUM_BUCKETS = 16
 # A pass divides the key width (< 2^32) by ~16, and two distinct keys always fall in different
@@ -58,10 +59,11 @@ def _order_key(x):
     return tl.where(k == -1, 0, k)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "component_counter"])
 def _ancestral_step_kernel(
     p_logits, p_z_t, p_alpha_t, p_alpha_s, p_kappa, p_z_s, p_stats,
-    n_rows, seq_len, vocab_size, stride_b, stride_l, stride_v, seed, component_counter, top_p,
+    n_rows, seq_len, vocab_size, stride_b, stride_l, stride_v, seed: tl.uint64,
+    component_counter: tl.int64, top_p,
     FILTER: tl.constexpr, STATS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, V_BLOCKS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
     MAX_PASSES: tl.constexpr,
@@ -165,7 +167,7 @@ def _ancestral_step_kernel(
     alpha_ts = alpha_t / alpha_s
     c_p = kappa * ((alpha_s - alpha_t) / denom) + (1 - kappa) * alpha_s * ((1 - alpha_t) / denom)
     c_u = kappa * ((1 - alpha_ts) * (1 - alpha_s) / denom) + (1 - kappa) * (1 - alpha_s)
-    w0, w1, w2, _ = tl.randint4x(seed, component_counter + o_r)
+    w0, w1, w2, w3 = tl.randint4x(seed, component_counter + o_r)
     u = uniform53(w0, w1)
     m_model = (u < c_p) & m_r
     z_s = tl.where(u < c_p + c_u, randint32_below(w2, vocab_size), b_z)
@@ -181,7 +183,9 @@ def _ancestral_step_kernel(
             m_rv = m_model[:, None] & (o_v < vocab_size)[None, :]
             b_l = tl.load(p_row[:, None] + o_v[None, :].to(tl.int64) * stride_v, mask=m_rv,
                           other=float("-inf")).to(tl.float32)
-            g0, g1, _, _ = tl.randint4x(seed, o_r[:, None] * vocab_size + o_v[None, :])
+            # [BLOCK_R, BLOCK_V] words: their names differ from the [BLOCK_R] words above, as a name bound
+            # before a loop and re-bound inside it is loop-carried and must keep its shape
+            g0, g1, g2, g3 = tl.randint4x(seed, o_r[:, None] * vocab_size + o_v[None, :])
             b_key = b_l - tl.log(exponential53(g0, g1))
             if FILTER:
                 m_tie = (b_l == c_hi[:, None]) & m_rv
@@ -242,7 +246,7 @@ def _blocks(n_rows: int, vocab_size: int, device: torch.device) -> tuple[int, in
     whose cost is per program and per call (each call of a jit helper such as tl.randint4x re-patches
     triton.language, ~5 ms), up to 256 rows share a program, a tile of up to 16384 entries."""
     block_v = min(1024, triton.next_power_of_2(vocab_size))
-    if device.type == "cuda":
+    if gpu_capability(device):
         return 1, block_v
     block_r = max(1, min(triton.next_power_of_2(n_rows), 16384 // block_v, 256))
     return block_r, block_v

@@ -99,6 +99,19 @@ def test_matches_reference_at_scale_on_gpu(impl, k):
         assert_matches_reference(got, x0, gamma, OWT_VOCAB, k, 1e-3, compat, 5)
 
 
+@pytest.mark.parametrize("tau", [10**-3.3, 0.3])
+def test_triton_inverse_temperature_stays_float64(tau):
+    """1/tau is not a float32 number here: passed as a Python float it would reach the compiled kernel
+    rounded to float32 (the interpreter tests emulate that: tests/compiled_scalars.py), ~6 float32 ulp
+    off the reference's weights. The kernel's float64 parameter keeps it exact."""
+    assert float(torch.tensor(1.0 / tau, dtype=torch.float32)) != 1.0 / tau
+    x0 = random_ids((2, 64), OWT_VOCAB, seed=3)
+    gamma = torch.linspace(-4.0, 4.0, 128, dtype=torch.float64).view(2, 64)
+    for k, compat in [(8, False), (16, True)]:
+        got = topk("triton", x0, gamma, OWT_VOCAB, k, tau, compat, seed=k)
+        assert_matches_reference(got, x0, gamma, OWT_VOCAB, k, tau, compat, k)
+
+
 @pytest.mark.parametrize("impl", BACKENDS)
 def test_one_token_and_the_whole_vocabulary(impl):
     """A 1-token input; k = V - 1 (no tail: the weights are the exact softmax of all V coordinates)."""

@@ -208,3 +208,38 @@ def test_triton_launches_are_registered_custom_ops():
     ref_h, ref_z = reference.tempered_softmax_embedding(x0, -2.0, 0.1, weight.cpu(), seed=2**64 - 5)
     assert torch.equal(z_t.cpu(), ref_z)
     torch.testing.assert_close(h.cpu(), ref_h, rtol=1e-6, atol=1e-6)
+
+
+WIDE_STRIDE_CHECK = r'''
+import sys, torch, duo_kernels
+from duo_kernels import reference
+# a (3, 16) bf16 weight whose rows are 2^30 elements apart, in a sparse file: row 2 starts at element
+# 2^31, so row offsets overflow int32 (V d >= 2^31 in a real model); the file takes no disk space
+stride = 2**30
+storage = torch.from_file(sys.argv[1], shared=True, size=2 * stride + 16, dtype=torch.bfloat16)
+weight = storage.as_strided((3, 16), (stride, 1))
+for i in range(3):
+    weight[i] = torch.arange(16) * 0.25 + i
+x0 = torch.tensor([[0, 1, 2, 2]])
+h, z = duo_kernels.tempered_softmax_embedding(x0, 0.0, 0.5, weight, seed=3, impl="triton")
+ref_h, ref_z = reference.tempered_softmax_embedding(x0, 0.0, 0.5, weight.contiguous(), seed=3)
+assert torch.equal(z, ref_z)
+torch.testing.assert_close(h, ref_h.float(), rtol=1e-5, atol=1e-5)
+print("ok")
+'''
+
+
+def test_triton_row_offsets_are_int64(tmp_path):
+    """Row offsets ``v * stride`` of the embedding reach 2^31 once V d >= 2^31: int64 products, not int32
+    (the interpreter sees the compiled int32 stride: tests/compiled_scalars.py). In a subprocess, as an
+    int32 overflow reads a wild address."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = "import conftest\n" + WIDE_STRIDE_CHECK  # conftest installs the compiled-scalar emulation
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "weight.bin")], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
