@@ -51,11 +51,12 @@ Prints one JSON line: checkpoint, step, algo, corpus, split, val_nll, val_ppl, v
 
 DISTILL_DESCRIPTION = """\
 Distill a Duo model with Discrete Consistency Distillation (duo-math §5) so that it samples in few
-steps: rounds of update_teacher_every steps, the teacher refreshed and dt doubled every round.
+steps: max_steps split into `rounds` rounds, the teacher refreshed and dt doubled every round, up to
+final_dt in the last (the defaults: 5 rounds, dt = 1/512 ... 1/32, as published).
 
     duo distill init=runs/duo out_dir=runs/dcd                       # distill a `duo train` run
-    duo distill init=runs/duo out_dir=runs/dcd T=512 update_teacher_every=10000 max_steps=50000 \\
-        batch_size=128 micro_batch_size=2 lr=6e-5 warmup_steps=500   # the published recipe
+    duo distill init=runs/duo out_dir=runs/dcd max_steps=50000 batch_size=128 micro_batch_size=2 \\
+        lr=6e-5 warmup_steps=500 init_weights=raw student_ema=carry teacher_dropout=true   # as published
     duo distill --resume init=runs/duo out_dir=runs/dcd max_steps=1000
 
 Every line of metrics.jsonl is JSON: training lines (step, loss = the DCD KL, lr, dt, grad_norm,

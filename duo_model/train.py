@@ -36,16 +36,22 @@ import torch
 import torch.distributed as dist
 
 import duo_kernels
+from duo_kernels.reference import gamma_window
 from duo_model import ops
 from duo_model.checkpoint import (CheckpointError, clean, latest, new_run_id, read_checkpoint, restore_optimizer,
                                   save_checkpoint)
-from duo_model.config import (ConfigError, above, at_least, corpus_spec, device_spec, finite, setting, tokenizer_spec,
-                              validate, within, writable_path)
+from duo_model.config import (Check, ConfigError, above, at_least, corpus_spec, device_spec, finite, setting,
+                              tokenizer_spec, validate, within, writable_path)
 from duo_model.data import Data, atomic_write_bytes, prepare_data
 from duo_model.dit import DiT, DiTConfig, count_parameters
 from duo_model.eval import validation_nll
 from duo_model.loss import ARLoss, DuoLoss, Phase, antithetic_t, curriculum_tau
 from duo_model.runtime import Distributed, RunError, autocast_context, derive_seed, setup_distributed
+
+
+def gamma_or_nan() -> Check:
+    """A finite gamma, or nan: the window adapted to the vocabulary (:func:`noise_window`)."""
+    return Check(lambda v: None if math.isnan(v) or math.isfinite(v) else "must be a finite number or nan", "inf")
 
 
 @dataclass
@@ -84,8 +90,10 @@ class TrainConfig:
                                      check=within(-30, 30))
     tau_log10_end: float = setting(-3.0, "log10 of tau at curriculum_end (log-linear in between)",
                                    check=within(-30, 30))
-    gamma_min: float = setting(-3.55, "curriculum window: gamma at t = 0 (OWT run: -3.55)", check=finite())
-    gamma_max: float = setting(-1.85, "curriculum window: gamma at t = 1 (OWT run: -1.85)", check=finite())
+    gamma_min: float = setting(math.nan, "curriculum window: gamma at t = 0; nan: where alpha = 0.95 for this "
+                               "vocabulary (gamma_window), as the OWT run's -3.55 for GPT-2's", check=gamma_or_nan())
+    gamma_max: float = setting(math.nan, "curriculum window: gamma at t = 1; nan: where alpha = 0.05 for this "
+                               "vocabulary, as the OWT run's -1.85 for GPT-2's", check=gamma_or_nan())
     reference_compat: bool = setting(False, "topk: reproduce the published sampler's z_t rule (duo-math §11.3)")
     fused_head: bool = setting(True, "compute the loss from the final hidden state with linear_usdm_nelbo "
                                "(no logits in memory once the fused op exists)")
@@ -125,6 +133,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """The rules between settings (:func:`duo_model.config.validate` checks each setting first)."""
+        if math.isnan(self.gamma_min) != math.isnan(self.gamma_max):
+            raise ConfigError(f"give both gamma_min and gamma_max, or neither (got {self.gamma_min}, {self.gamma_max})")
         if self.gamma_min >= self.gamma_max:
             raise ConfigError(f"gamma_min={self.gamma_min} must be < gamma_max={self.gamma_max}")
         if self.curriculum_start > self.curriculum_end:
@@ -148,6 +158,26 @@ def phase_at(cfg: TrainConfig, step: int) -> Phase:
         return Phase("discrete")
     tau = curriculum_tau(step, cfg.tau_log10_start, cfg.tau_log10_end, cfg.curriculum_start, cfg.curriculum_end)
     return Phase(cfg.curriculum, tau, cfg.topk, cfg.gamma_min, cfg.gamma_max, cfg.reference_compat)
+
+
+# The alpha range of the OWT curriculum window [-3.55, -1.85] at GPT-2's vocabulary, rounded.
+CURRICULUM_ALPHA_RANGE = (0.95, 0.05)
+
+
+def noise_window(gamma_min: float, gamma_max: float, vocab_size: int,
+                 alpha_range: tuple[float, float]) -> tuple[float, float]:
+    """The gamma window of a run (settings already validated): the configured one, or with both ends
+    nan the one whose alpha spans ``alpha_range`` for this vocabulary
+    (:func:`duo_kernels.reference.gamma_window`)."""
+    if math.isnan(gamma_min):
+        return gamma_window(vocab_size, *alpha_range)
+    return gamma_min, gamma_max
+
+
+def set_threads(num_threads: int) -> None:
+    """torch's intra-op CPU threads for this process (0: leave torch's default, one per core)."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
 
 
 def batch_indices(step: int, global_batch: int, num_sequences: int, seed: int) -> torch.Tensor:
@@ -311,8 +341,7 @@ def resume_point(out_dir: Path, resume: bool) -> Path | None:
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train as configured; returns the last metrics (``step``, ``loss``, ``val_ppl``, ...)."""
     validate(cfg)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    set_threads(cfg.num_threads)
     env, device = setup_distributed(cfg.device)
     try:
         return _train(cfg, resume, env, device)
@@ -336,6 +365,9 @@ def _train(cfg: TrainConfig, resume: bool, env: Distributed, device: torch.devic
                          f"{cfg.corpus} at seq_len={cfg.seq_len}; lower batch_size or seq_len")
 
     mcfg = model_config(cfg, data.tokenizer.vocab_size)
+    if cfg.algo == "duo":
+        window = noise_window(cfg.gamma_min, cfg.gamma_max, mcfg.vocab_size, CURRICULUM_ALPHA_RANGE)
+        cfg = dataclasses.replace(cfg, gamma_min=window[0], gamma_max=window[1])
     torch.manual_seed(cfg.seed)
     model = DiT(mcfg).to(device)
     objective = make_objective(model, cfg)

@@ -14,10 +14,10 @@ from duo_kernels.reference.nelbo import usdm_nelbo
 from duo_kernels.reference.sampling import (ancestral_step, greedy_tail, psi_kappas, sample_categorical,
                                             sampling_timesteps, usdm_posterior)
 from duo_kernels.reference.transform import (cosine_schedule, diffusion_transform, diffusion_transform_t,
-                                             gaussian_params, loglinear_schedule)
+                                             gamma_window, gaussian_params, loglinear_schedule)
 
 __all__ = [
-    "gaussian_params", "diffusion_transform", "diffusion_transform_t", "loglinear_schedule", "cosine_schedule",
+    "gaussian_params", "diffusion_transform", "diffusion_transform_t", "gamma_window", "loglinear_schedule", "cosine_schedule",
     "gaussian_argmax_dense", "gaussian_argmax", "gaussian_argmax_pair", "usdm_forward",
     "usdm_posterior", "usdm_nelbo", "dcd_kl",
     "tempered_softmax_topk", "relaxed_embedding", "tempered_softmax_dense", "tempered_softmax_embedding",

@@ -16,7 +16,8 @@ The integral (2.1) is taken over the law of M, the maximum of the K - 1 other co
 
 which is (2.1), and its derivative, after one integration by parts in u (``Phi(u)^(K-1)`` is the CDF
 of M); the nodes and weights depend on K only, so they are computed once per vocabulary size. The
-discrete-phase schedules of §3.1 (log-linear, cosine) complete the module.
+discrete-phase schedules of §3.1 (log-linear, cosine) complete the module; :func:`gamma_window`
+inverts T to give the gamma window of a chosen alpha range for any vocabulary.
 """
 
 from __future__ import annotations
@@ -182,6 +183,53 @@ def diffusion_transform_t(t, gamma_min: float, gamma_max: float, vocab_size: int
     gamma = gamma_min + t.to(torch.float64) * (gamma_max - gamma_min)
     alpha, dalpha_dgamma = diffusion_transform(gamma, vocab_size)
     return alpha, dalpha_dgamma * (gamma_max - gamma_min)
+
+
+def gamma_window(vocab_size: int, alpha_max: float = 0.95, alpha_min: float = 0.05) -> tuple[float, float]:
+    """The gamma window whose alpha runs from ``alpha_max`` (t = 0) to ``alpha_min`` (t = 1) for vocabulary
+    size K: ``T(gamma_min) = alpha_max`` and ``T(gamma_max) = alpha_min``, through the exact transform.
+
+    The same gamma window means different noise for different K (T depends on K): the Duo OWT window
+    [-3.55, -1.85] spans alpha 0.945 -> 0.049 at K = 50258, but 0.998 -> 0.39 at K = 259, where the
+    curriculum would never see high noise. Choosing the window by its alpha range gives every vocabulary
+    the same span of noise. T decreases strictly in gamma, so each end is found by bisection in float64
+    (to a bracket of a few ulp; alpha then matches to ~1e-15).
+
+    Args:
+        vocab_size: K, an int in [2, 10^6].
+        alpha_max, alpha_min: numbers with ``0 < alpha_min < alpha_max < 1``; defaults 0.95 and 0.05,
+            about the OWT window's range.
+
+    Returns:
+        ``(gamma_min, gamma_max)``: Python floats, ``gamma_min < gamma_max``.
+
+    Example:
+        >>> [round(g, 4) for g in gamma_window(50258, 0.94547366, 0.04931718)]  # the OWT window back
+        [-3.55, -1.85]
+        >>> [round(g, 4) for g in gamma_window(259)]
+        [-3.0555, -0.2088]
+    """
+    vocab_size = _validate.check_vocab_size(vocab_size)
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be in [2, {MAX_VOCAB_SIZE}], got {vocab_size}")
+    alpha_max = _check_number("alpha_max", alpha_max)
+    alpha_min = _check_number("alpha_min", alpha_min)
+    if not 0.0 < alpha_min < alpha_max < 1.0:
+        raise ValueError(f"need 0 < alpha_min < alpha_max < 1, got alpha_min={alpha_min}, alpha_max={alpha_max}")
+    target = torch.tensor([alpha_max, alpha_min], dtype=torch.float64)
+    # T = 1 exactly below gamma = -8.19 (see _MU_SATURATED), so the low end brackets every alpha < 1.
+    lo = torch.full((2,), -2.0 * math.log(_MU_SATURATED) - 1.0, dtype=torch.float64)
+    hi = torch.full((2,), 1.0, dtype=torch.float64)
+    while float(diffusion_transform(hi[1], vocab_size)[0]) >= alpha_min:
+        hi = hi * 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if bool(((mid == lo) | (mid == hi)).all()):
+            break
+        above = diffusion_transform(mid, vocab_size)[0] > target
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    gammas = 0.5 * (lo + hi)
+    return float(gammas[0]), float(gammas[1])
 
 
 def _schedule_time(t) -> torch.Tensor:

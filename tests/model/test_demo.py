@@ -1,4 +1,4 @@
-"""`duo demo --quick` end to end on the default corpus (issue 8), and the installed `duo` command."""
+"""`duo demo --quick` end to end on the default corpus, its verdicts and table, and the installed `duo` command."""
 
 from __future__ import annotations
 
@@ -12,27 +12,68 @@ from pathlib import Path
 import pytest
 
 from duo_model.cli import main
+from duo_model.demo import COLUMNS, markdown_report, verdicts
 
 
 def test_quick_demo(tmp_path, monkeypatch, capsys):
-    """The quick demo trains the judge, the Duo model and the DCD student, samples 64/16/8 steps with
-    both endings, and writes the table, the plot and the samples (numbers meaningless at this size)."""
+    """The quick demo trains the judge, both Duo models and the DCD student, samples every cell over the
+    sampling seeds, adds the entropy-matched control and the real-text row, and writes the tables, the
+    verdicts, the stage timings, the plot and the samples (numbers meaningless at this size)."""
     monkeypatch.setenv("DUO_MODEL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", f"out_dir={out}", "progress=false"]) == 0
+    args = ["demo", "--quick", f"out_dir={out}", "progress=false", "sample_steps=8,4"]
+    assert main(args + ["sampling_seeds=2"]) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    cells = {(r["model"], r["steps"], r["noise_removal"]) for r in results["rows"]}
-    assert cells == {(m, s, n) for m in ("Duo", "Duo + DCD") for s in (64, 16, 8) for n in ("ancestral", "greedy")}
-    for row in results["rows"]:
-        assert row["gen_ppl"] > 1 and row["val_ppl"] > 1 and row["entropy"] >= 0
-    table = (out / "results.md").read_text()
-    assert "| Duo + DCD |" in table and "Gen PPL (Greedy-Tail)" in table and table.split("\n\n")[0] in printed
-    assert (out / "gen_ppl.png").stat().st_size > 1000
-    assert len(list((out / "samples").glob("*.json"))) == 12
-    # a second run reuses every finished stage
-    assert main(["demo", "--quick", f"out_dir={out}", "progress=false", "sample_steps=4"]) == 0
-    assert capsys.readouterr().out.count("reusing") == 3
+    rows = results["rows"]
+    assert all(set(row) == set(COLUMNS) for row in rows)
+    cells = {(r["model"], r["steps"], r["sampler"]) for r in rows}
+    assert cells == ({(m, s, n) for m in ("Duo", "Duo + DCD") for s in (8, 4) for n in ("ancestral", "greedy")}
+                     | {("Duo, entropy-matched", 8, "ancestral"), ("real text (validation)", None, "-")})
+    for row in rows:
+        assert row["gen_ppl"] > 1 and row["entropy"] >= 0
+    assert [p["step"] for p in results["curves"]["duo"]] == [p["step"] for p in results["curves"]["duo-none"]]
+    assert set(results["stages"]) >= {"judge", "duo", "duo-none", "dcd", "sampling", "entropy-matched control"}
+    report = (out / "results.md").read_text()
+    assert "| model | val PPL | sampler | steps | top-p | Gen PPL | entropy |" in report
+    assert "Claim 1 (curriculum helps training):" in printed and "Claim 2 (DCD makes 8 steps" in printed
+    assert (out / "demo.png").stat().st_size > 1000
+    # 2 seeds of 8 cells, 5 bisection trials of the control (seed 0), the chosen top-p's seed 1
+    assert len(list((out / "samples").glob("*.json"))) == 2 * 8 + 5 + 1
+    # a second run reuses every finished training stage and every samples file
+    (out / "results.json").unlink()
+    assert main(args + ["sampling_seeds=2"]) == 0
+    assert capsys.readouterr().out.count("reusing") == 4
+    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+    assert len(list((out / "samples").glob("*.json"))) == 2 * 8 + 5 + 1
+
+
+def _results(curriculum: float, none: float, dcd8: float, matched8: float, matched64: float, sd: float = 1.0) -> dict:
+    def row(model, steps, gen_ppl, top_p=1.0):
+        return dict(model=model, sampler="ancestral", steps=steps, top_p=top_p, gen_ppl=gen_ppl, gen_ppl_sd=sd,
+                    entropy=2.0, entropy_sd=0.1, val_ppl=10.0)
+
+    rows = [row("Duo + DCD", 8, dcd8), row("Duo, entropy-matched", 8, matched8, 0.9),
+            row("Duo, entropy-matched", 64, matched64, 0.9),
+            dict(model="real text (validation)", sampler="-", steps=None, top_p=None, gen_ppl=9.0, gen_ppl_sd=None,
+                 entropy=2.5, entropy_sd=None, val_ppl=None)]
+    return {"val_ppl": {"duo": curriculum, "duo-none": none}, "rows": rows, "sampling_seeds": 3,
+            "sizes": {"sample_steps": [64, 8], "num_samples": 4, "seq_len": 32}, "judge_val_ppl": 5.0,
+            "curves": {"duo": [{"step": 10, "val_ppl": curriculum}], "duo-none": [{"step": 10, "val_ppl": none}]}}
+
+
+@pytest.mark.parametrize("numbers, held", [
+    ((10.0, 12.0, 15.0, 20.0, 15.5), (True, True)),   # DCD 8 steps: below 8-step base, within 1 sd of 64-step
+    ((12.0, 10.0, 15.0, 20.0, 13.0), (False, False)),  # no curriculum gain; DCD 8 steps 2 sd above 64 steps
+    ((10.0, 12.0, 21.0, 20.0, 25.0), (True, False)),   # DCD 8 steps worse than the 8-step base
+])
+def test_verdicts_and_report_columns(numbers, held):
+    results = _results(*numbers)
+    results["verdicts"] = verdicts(results)
+    assert [("HELD" in v and "DID NOT HOLD" not in v) for v in results["verdicts"].values()] == list(held)
+    report = markdown_report(results)
+    assert "| Duo, curriculum | " in report and "| Duo + DCD | 10.00 | ancestral | 8 | 1.000 |" in report
+    assert "| real text (validation) | - | - | - | - | 9.00 | 2.500 |" in report
 
 
 def _console_script() -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,12 +11,13 @@ import torch
 from duo_model import ops
 from duo_model.checkpoint import CheckpointError, load_model, read_checkpoint
 from duo_model.cli import main
-from duo_model.config import ConfigError
+from duo_model.config import ConfigError, build
 from duo_model.data import prepare_data
-from duo_model.distill import DCDLoss, DistillConfig, distill, dt_at, validation_kl
+from duo_model.distill import DCD_ALPHA_RANGE, DCDLoss, DistillConfig, distill, dt_at, round_steps, validation_kl
 from duo_model.dit import DiT
 from duo_model.eval import EvalConfig, evaluate_samples, generative_perplexity, load_judge, unigram_entropy
 from duo_model.sample import RECIPES, SampleConfig, generate, resolve_recipe, sample_checkpoint, sampling_plan
+from duo_kernels.reference import gamma_window
 from duo_model.train import train
 from tests.model.helpers import tiny_config
 
@@ -32,7 +34,7 @@ def runs(corpus, cache, tmp_path_factory):
 
 def distill_config(runs, cache, out_dir, **overrides) -> DistillConfig:
     settings = dict(init=str(runs / "duo"), out_dir=str(out_dir), cache_dir=str(cache), max_steps=12,
-                    update_teacher_every=4, T=8, batch_size=8, lr=1e-3, warmup_steps=1, log_every=4, eval_every=0,
+                    rounds=3, final_dt=1 / 2, batch_size=8, lr=1e-3, warmup_steps=1, log_every=4, eval_every=0,
                     eval_batches=2, save_every=0, progress=False, num_threads=1, seed=5)
     settings.update(overrides)
     return DistillConfig(**settings)
@@ -41,11 +43,47 @@ def distill_config(runs, cache, out_dir, **overrides) -> DistillConfig:
 # ------------------------------------------------------------------------------------------------
 # distillation
 
-def test_dt_doubles_every_round_or_grows_linearly():
-    cfg = DistillConfig(T=512, update_teacher_every=10_000, max_steps=50_000)
-    assert [dt_at(cfg, s) * 512 for s in (0, 9_999, 10_000, 20_000, 49_999)] == [1, 1, 2, 4, 16]
+def test_dt_schedule_is_the_published_formula():
+    """The published code's dt = 2^(step // update_teacher_every) / T with T = 512 and rounds of 10 000
+    steps is final_dt=1/32, rounds=5 over 50 000 steps; an uneven split ends on final_dt."""
+    cfg = DistillConfig(final_dt=1 / 32, rounds=5, max_steps=50_000)
+    steps = range(0, 50_000, 997)
+    assert [dt_at(cfg, s) for s in steps] == [2 ** (s // 10_000) / 512 for s in steps]
+    assert round_steps(cfg) == 10_000
+    uneven = DistillConfig(final_dt=1 / 8, rounds=3, max_steps=10)
+    assert round_steps(uneven) == 4 and [dt_at(uneven, s) * 32 for s in range(10)] == [1] * 4 + [2] * 4 + [4] * 2
     linear = DistillConfig(linear_growth_dt=True, max_steps=100)
     assert dt_at(linear, 0) == pytest.approx(0.001) and dt_at(linear, 50) == pytest.approx(0.1255)
+
+
+def test_time_shift_and_teacher_dropout(runs, monkeypatch):
+    """time_shift=up takes (t + dt, t) clipped at 1, down takes (t, t - dt) clipped at 0, both mapped
+    into the gamma window; with teacher_dropout the teacher runs in training mode (dropout on) while
+    the student trains, else in eval mode."""
+    student, _ = load_model(runs / "duo")
+    teacher, _ = load_model(runs / "duo")
+    seen = []
+    pair = ops.gaussian_argmax_pair
+
+    def spy(x0, gamma_t, gamma_s, *args, **kwargs):
+        seen.append(gamma_t.tolist() + gamma_s.tolist())
+        return pair(x0, gamma_t, gamma_s, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "gaussian_argmax_pair", spy)
+    x0 = torch.randint(0, 259, (3, 16))
+    t = torch.tensor([0.001, 0.5, 0.9])
+    for shift in ("up", "down"):
+        DCDLoss(student, teacher, gamma_min=-3.0, gamma_max=2.0, time_shift=shift)(x0, t, 0.25, seed=1)
+    gamma = lambda u: [-3.0 + 5.0 * v for v in u]  # noqa: E731
+    assert seen[0] == pytest.approx(gamma([0.251, 0.75, 1.0, 0.001, 0.5, 0.75]))
+    assert seen[1] == pytest.approx(gamma([0.001, 0.5, 0.9, 0.0, 0.25, 0.65]))
+
+    for teacher_dropout, training in ((True, True), (True, False), (False, True)):
+        objective = DCDLoss(student, teacher, gamma_min=-3.0, gamma_max=2.0, teacher_dropout=teacher_dropout)
+        student.train(training)
+        with torch.no_grad():
+            objective(x0, t, 0.25, seed=1)
+        assert teacher.training == (teacher_dropout and training)
 
 
 def test_distillation_reduces_the_student_teacher_kl(runs):
@@ -77,11 +115,18 @@ def test_distillation_reduces_the_student_teacher_kl(runs):
 
 
 def test_distill_run_writes_a_sampleable_checkpoint_and_resumes_exactly(runs, cache, tmp_path):
-    """12 steps in one go equal 6 steps then --resume to 12 (mid-round: the teacher comes from the
-    checkpoint); the metrics show dt doubling; the result samples and evaluates like a trained run."""
+    """12 steps in one go equal a run stopped after its step-6 checkpoint then resumed (mid-round: the
+    teacher comes from the checkpoint); the metrics show dt doubling; the result samples and evaluates
+    like a trained run. Resuming with another schedule is an error."""
     full = distill(distill_config(runs, cache, tmp_path / "full"))
-    distill(distill_config(runs, cache, tmp_path / "split", max_steps=6))
-    resumed = distill(distill_config(runs, cache, tmp_path / "split"), resume=True)
+    distill(distill_config(runs, cache, tmp_path / "split", save_every=6, keep_checkpoints=0))
+    checkpoints = tmp_path / "split" / "checkpoints"
+    shutil.rmtree(checkpoints / "step-00000012")
+    pointer = json.loads((checkpoints / "latest.json").read_text())
+    (checkpoints / "latest.json").write_text(json.dumps({**pointer, "step": 6, "path": "step-00000006"}))
+    with pytest.raises(CheckpointError, match="resume with the same ones"):
+        distill(distill_config(runs, cache, tmp_path / "split", max_steps=24), resume=True)
+    resumed = distill(distill_config(runs, cache, tmp_path / "split", save_every=6), resume=True)
     a, b = read_checkpoint(tmp_path / "full"), read_checkpoint(tmp_path / "split")
     for name in ("model", "ema", "teacher"):
         for key in a[name]:
@@ -95,6 +140,25 @@ def test_distill_run_writes_a_sampleable_checkpoint_and_resumes_exactly(runs, ca
     assert ids.shape == (2, 16)
 
 
+def test_student_ema_and_noise_window_options(runs, cache, tmp_path):
+    """student_ema=carry continues the checkpoint's EMA (its update count too), restart starts it at the
+    student's weights; with no gamma window given, the run uses gamma_window of DCD's alpha range."""
+    base = read_checkpoint(runs / "duo")
+    n = base["state"]["ema_updates"]
+    kwargs = dict(max_steps=1, rounds=1, lr=1e-30, init_weights="raw")  # the student stays at its start
+    distill(distill_config(runs, cache, tmp_path / "carry", student_ema="carry", **kwargs))
+    distill(distill_config(runs, cache, tmp_path / "restart", **kwargs))
+    carry, restart = read_checkpoint(tmp_path / "carry"), read_checkpoint(tmp_path / "restart")
+    decay = (1 + n) / (10 + n)
+    for key in base["model"]:
+        torch.testing.assert_close(restart["ema"][key], base["model"][key])
+        torch.testing.assert_close(carry["ema"][key], decay * base["ema"][key] + (1 - decay) * base["model"][key])
+    assert carry["state"]["ema_updates"] == n + 1 and restart["state"]["ema_updates"] == 1
+    saved = carry["config"]["distill"]
+    assert (saved["gamma_min"], saved["gamma_max"]) == gamma_window(259, *DCD_ALPHA_RANGE)
+    assert base["config"]["train"]["gamma_min"] == gamma_window(259, 0.95, 0.05)[0]
+
+
 def test_distill_errors(runs, cache, tmp_path):
     with pytest.raises(ConfigError, match="init="):
         distill(distill_config(runs, cache, tmp_path / "a", init=""))
@@ -104,6 +168,14 @@ def test_distill_errors(runs, cache, tmp_path):
         distill(distill_config(runs, cache, tmp_path / "b", init=str(tmp_path)))
     with pytest.raises(CheckpointError, match="algo=ar"):
         distill(distill_config(runs, cache, tmp_path / "c", init=str(runs / "judge")))
+    with pytest.raises(ConfigError, match="rounds=13 exceeds max_steps=12"):
+        distill(distill_config(runs, cache, tmp_path / "d", rounds=13))
+    with pytest.raises(ConfigError, match=r"final_dt=0.0: must lie in \(0, 1\]"):
+        distill(distill_config(runs, cache, tmp_path / "e", final_dt=0.0))
+    with pytest.raises(ConfigError, match="give both gamma_min and gamma_max"):
+        distill(distill_config(runs, cache, tmp_path / "f", gamma_min=-3.0))
+    with pytest.raises(ConfigError, match="time_shift='sideways': choose one of up, down"):
+        build(DistillConfig, None, ["time_shift=sideways"], command="distill")
 
 
 # ------------------------------------------------------------------------------------------------

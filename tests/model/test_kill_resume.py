@@ -93,8 +93,8 @@ def test_sigkill_at_any_instant_then_resume_is_bit_identical(corpus, cache, tmp_
     reference = _final(tmp_path / "train-ref")
     kills = _kill_and_resume(forkserver, "train", settings, tmp_path / "train", reference, seconds, rng)
 
-    distill_settings = dict(init=str(tmp_path / "train-ref"), cache_dir=str(cache), max_steps=8, update_teacher_every=3,
-                            T=8, batch_size=8, lr=1e-3, warmup_steps=1, log_every=3, eval_every=0, eval_batches=1,
+    distill_settings = dict(init=str(tmp_path / "train-ref"), cache_dir=str(cache), max_steps=8, rounds=3,
+                            final_dt=0.5, batch_size=8, lr=1e-3, warmup_steps=1, log_every=3, eval_every=0, eval_batches=1,
                             save_every=2, progress=False, num_threads=1, seed=5)
     start = time.perf_counter()
     assert _run(forkserver, "distill", {**distill_settings, "out_dir": str(tmp_path / "distill-ref")}) == 0
