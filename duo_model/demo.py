@@ -38,12 +38,15 @@ from duo_model.config import (ConfigError, at_least, corpus_spec, device_spec, m
                               validate, writable_path)
 from duo_model.distill import DistillConfig, distill
 from duo_model.eval import evaluate_checkpoint, EvalConfig, generative_perplexity, load_judge, unigram_entropy
+from duo_model.ar_sample import generate_ar
 from duo_model.sample import Recipe, decode, generate, write_samples
 
 MODELS = {"duo": "Duo", "dcd": "Duo + DCD"}
 ENDINGS = {"ancestral": "ancestral", "greedy": "Greedy-Tail"}
 # The columns of the claim-2 table; a row is a dict with these keys (an AR row fits the same way).
-COLUMNS = ("model", "sampler", "steps", "top_p", "gen_ppl", "gen_ppl_sd", "entropy", "entropy_sd", "val_ppl")
+COLUMNS = ("model", "sampler", "steps", "top_p", "gen_ppl", "gen_ppl_sd", "entropy", "entropy_sd", "val_ppl",
+           "seconds_per_sample")
+AR_MODEL = "AR (KV cache)"
 
 
 @dataclass
@@ -187,11 +190,12 @@ def run_demo(cfg: DemoConfig, quick: bool = False) -> dict:
     target = next(r for r in rows if r["model"] == MODELS["dcd"] and r["steps"] == 8 and r["sampler"] == "ancestral")
     controls = timer("entropy-matched control", lambda: sampler.matched_control(
         target["entropy"], sorted({8, max(sizes["sample_steps"])}), val["duo"]))
+    ar = timer("AR sampling", lambda: sampler.ar_cell(val["judge"]))
     reference = timer("real-text reference", lambda: _reference_row(out / "duo", sizes, judge))
     results = {"sizes": sizes, "device": str(device), "threads": torch.get_num_threads(),
                "sampling_seeds": cfg.sampling_seeds,
                "judge_val_ppl": val["judge"], "val_ppl": val, "curves": curves,
-               "rows": rows + controls + [reference]}
+               "rows": rows + controls + [ar, reference]}
     results["verdicts"] = verdicts(results)
     results["stages"] = timer.stages
     results["seconds"] = time.perf_counter() - started
@@ -219,39 +223,55 @@ class Sampler:
         self.seeds = range(cfg.sampling_seeds)
         self.models = {name: load_model(out / name, device=device) for name in MODELS}
 
-    def _scores(self, name: str, steps: int, ending: str, top_p: float, seed: int) -> tuple[float, float]:
-        """Gen PPL and entropy of one sampling seed, from its samples file if an earlier run of the demo
-        wrote it for the same checkpoint and settings (so a stopped demo resumes), else sampled now."""
+    def _scores(self, name: str, steps: int, ending: str, top_p: float, seed: int) -> tuple[float, float, float]:
+        """Gen PPL, entropy and seconds per sample of one sampling seed, from its samples file if an earlier
+        run of the demo wrote it for the same checkpoint and settings (so a stopped demo resumes), else
+        sampled now. ``name`` ``"judge"``: the AR judge's own samples (``steps``: its network calls)."""
         model, info = self.models[name]
         tag = "" if top_p == 1.0 else f"-top{top_p:.4f}"
         path = self.out / "samples" / f"{name}-{steps}-{ending}{tag}-seed{seed}.json"
-        key = {"model": MODELS[name], "steps": steps, "noise_removal": ending, "top_p": top_p, "seed": seed,
-               "checkpoint": str(info["path"]), "num_samples": self.sizes["num_samples"],
+        key = {"model": MODELS.get(name, AR_MODEL), "steps": steps, "noise_removal": ending, "top_p": top_p,
+               "seed": seed, "checkpoint": str(info["path"]), "num_samples": self.sizes["num_samples"],
                "seq_len": self.sizes["seq_len"]}
         try:
             record = json.loads(path.read_text())
             if all(record.get(k) == v for k, v in key.items()):
-                return record["gen_ppl"], record["entropy"]
+                return record["gen_ppl"], record["entropy"], record["seconds_per_sample"]
         except (OSError, json.JSONDecodeError, KeyError):
             pass  # none yet, or cut short by a kill: sample again
-        ids, stats = generate(model, num_samples=self.sizes["num_samples"], seq_len=self.sizes["seq_len"],
-                              steps=steps, recipe=Recipe(top_p=top_p), noise_removal=ending, seed=seed,
-                              batch_size=self.sizes["num_samples"], device=self.device)
+        if name == "judge":  # BOS, then seq_len - 1 tokens: the judge's own window, scored without the BOS
+            ids, stats = generate_ar(model, num_samples=self.sizes["num_samples"], seq_len=self.sizes["seq_len"],
+                                     bos_id=info["tokenizer"].bos_id, top_p=top_p, seed=seed,
+                                     batch_size=self.sizes["num_samples"], device=self.device)
+            ids = ids[:, 1:]
+        else:
+            ids, stats = generate(model, num_samples=self.sizes["num_samples"], seq_len=self.sizes["seq_len"],
+                                  steps=steps, recipe=Recipe(top_p=top_p), noise_removal=ending, seed=seed,
+                                  batch_size=self.sizes["num_samples"], device=self.device)
         texts = decode(info["tokenizer"], ids)
         gen_ppl, entropy = generative_perplexity(texts, self.judge, batch_size=32)["gen_ppl"], unigram_entropy(ids)
         write_samples(path, {**key, "gen_ppl": gen_ppl, "entropy": entropy, **stats}, ids, texts,
                       info["tokenizer"].to_json())
-        return gen_ppl, entropy
+        return gen_ppl, entropy, stats["seconds_per_sample"]
 
     def cell(self, name: str, steps: int, ending: str, *, top_p: float = 1.0, val_ppl: float | None = None) -> dict:
         scores = [self._scores(name, steps, ending, top_p, seed) for seed in self.seeds]
         gen_ppl, gen_ppl_sd = _mean_sd([s[0] for s in scores])
         entropy, entropy_sd = _mean_sd([s[1] for s in scores])
-        row = dict(model=MODELS[name], sampler=ending, steps=steps, top_p=top_p, gen_ppl=gen_ppl,
-                   gen_ppl_sd=gen_ppl_sd, entropy=entropy, entropy_sd=entropy_sd, val_ppl=val_ppl)
-        self.log(f"{row['model']:10s} {steps:3d} steps, {ENDINGS[ending]:11s} top-p {top_p:.3f}: Gen PPL "
-                 f"{gen_ppl:8.2f} +- {gen_ppl_sd:.2f}, entropy {entropy:.3f} +- {entropy_sd:.3f}")
+        row = dict(model=MODELS.get(name, AR_MODEL), sampler=ending, steps=steps, top_p=top_p, gen_ppl=gen_ppl,
+                   gen_ppl_sd=gen_ppl_sd, entropy=entropy, entropy_sd=entropy_sd, val_ppl=val_ppl,
+                   seconds_per_sample=statistics.median(s[2] for s in scores))
+        self.log(f"{row['model']:10s} {steps:3d} steps, {ENDINGS.get(ending, ending):11s} top-p {top_p:.3f}: Gen PPL "
+                 f"{gen_ppl:8.2f} +- {gen_ppl_sd:.2f}, entropy {entropy:.3f} +- {entropy_sd:.3f}, "
+                 f"{row['seconds_per_sample'] * 1e3:.2f} ms per sample")
         return row
+
+    def ar_cell(self, val_ppl: float) -> dict:
+        """The AR judge sampling itself (KV cache, temperature 1): one token per network call. Its Gen
+        PPL is scored by the same model, which favours it; the row is there for the time per sample."""
+        if "judge" not in self.models:
+            self.models["judge"] = load_model(self.out / "judge", device=self.device)
+        return self.cell("judge", self.sizes["seq_len"] - 1, "next token", val_ppl=val_ppl)
 
     def matched_control(self, target_entropy: float, step_counts: list[int], val_ppl: float) -> list[dict]:
         """The base model, ancestral, at each step count with the top-p whose entropy (seed 0) is
@@ -281,7 +301,7 @@ def _reference_row(run: Path, sizes: dict, judge) -> dict:
     ids = data.validation[:sizes["num_samples"]]
     gen_ppl = generative_perplexity(decode(info["tokenizer"], ids), judge, batch_size=32)["gen_ppl"]
     return dict(model="real text (validation)", sampler="-", steps=None, top_p=None, gen_ppl=gen_ppl, gen_ppl_sd=None,
-                entropy=unigram_entropy(ids), entropy_sd=None, val_ppl=None)
+                entropy=unigram_entropy(ids), entropy_sd=None, val_ppl=None, seconds_per_sample=None)
 
 
 def _find(rows: list[dict], model: str, steps: int, sampler: str = "ancestral") -> dict | None:
@@ -313,7 +333,26 @@ def verdicts(results: dict) -> dict:
               f"distilled 8 steps Gen PPL {dcd['gen_ppl']:.2f} (entropy {dcd['entropy']:.3f}) vs the base at "
               f"matched entropy: 8 steps {matched[8]['gen_ppl']:.2f}, {most} steps {many['gen_ppl']:.2f} "
               f"(ancestral, means over {results['sampling_seeds']} sampling seeds).")
-    return {"curriculum": claim1, "dcd": claim2}
+    return {"curriculum": claim1, "dcd": claim2, **speed_verdict(rows)}
+
+
+def speed_verdict(rows: list[dict]) -> dict:
+    """``{"speed": line}``: the most steps at which the distilled model (ancestral) samples faster than the
+    AR model with its KV cache, and its Gen PPL there against AR's; empty without an AR row."""
+    ar = next((r for r in rows if r["model"] == AR_MODEL), None)
+    dcd = sorted((r for r in rows if r["model"] == MODELS["dcd"] and r["sampler"] == "ancestral"),
+                 key=lambda r: r["steps"])
+    if ar is None or not dcd:
+        return {}
+    faster = [r for r in dcd if r["seconds_per_sample"] < ar["seconds_per_sample"]]
+    head = (f"Speed: AR with a KV cache takes {ar['seconds_per_sample'] * 1e3:.2f} ms per sample ({ar['steps']} "
+            f"network calls), Gen PPL {ar['gen_ppl']:.2f} under itself; ")
+    if not faster:
+        return {"speed": head + f"the distilled model is slower at every step count measured (fewest: "
+                                f"{dcd[0]['steps']} steps, {dcd[0]['seconds_per_sample'] * 1e3:.2f} ms)."}
+    best = faster[-1]
+    return {"speed": head + f"the distilled model is faster up to {best['steps']} steps "
+                            f"({best['seconds_per_sample'] * 1e3:.2f} ms, Gen PPL {best['gen_ppl']:.2f})."}
 
 
 def _pm(mean, sd, digits: int) -> str:
@@ -336,14 +375,18 @@ def markdown_report(results: dict) -> str:
     lines += ["", "### Claim 2: DCD makes few steps as good as many (samples scored by the AR judge)", "",
               f"Judge (AR) validation PPL {results['judge_val_ppl']:.2f}; {sizes['num_samples']} samples of "
               f"{sizes['seq_len']} tokens per cell and seed; mean ± standard deviation over the sampling seeds.", "",
-              "| model | val PPL | sampler | steps | top-p | Gen PPL | entropy |", "|---|---|---|---|---|---|---|"]
+              "| model | val PPL | sampler | steps | top-p | Gen PPL | entropy | ms per sample |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         steps = "-" if r["steps"] is None else r["steps"]
         top_p = "-" if r["top_p"] is None else f"{r['top_p']:.3f}"
         lines.append(f"| {r['model']} | {_pm(r['val_ppl'], None, 2)} | {ENDINGS.get(r['sampler'], r['sampler'])} | "
                      f"{steps} | {top_p} | {_pm(r['gen_ppl'], r['gen_ppl_sd'], 2)} | "
-                     f"{_pm(r['entropy'], r['entropy_sd'], 3)} |")
+                     f"{_pm(r['entropy'], r['entropy_sd'], 3)} | "
+                     f"{_pm(None if r.get('seconds_per_sample') is None else r['seconds_per_sample'] * 1e3, None, 2)} |")
     lines += ["", results["verdicts"]["curriculum"], "", results["verdicts"]["dcd"]]
+    if "speed" in results["verdicts"]:
+        lines += ["", results["verdicts"]["speed"]]
     if "stages" in results:
         lines += ["", "Stage timings: " + ", ".join(f"{k} {v['wall_s']:.0f} s wall / {v['cpu_s']:.0f} s CPU"
                                                     for k, v in results["stages"].items())]
@@ -368,7 +411,7 @@ def _plot(results: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4))
     for name, label in (("duo", "curriculum"), ("duo-none", "no curriculum")):
         curve = results["curves"][name]
         ax1.plot([p["step"] for p in curve], [p["val_ppl"] for p in curve], "-o", label=label)
@@ -394,6 +437,23 @@ def _plot(results: dict, path: Path) -> bool:
     ax2.set_ylabel("Gen PPL (AR judge)")
     ax2.set_title("claim 2: DCD")
     ax2.legend(fontsize=7)
+    for name in MODELS:
+        cells = sorted((r for r in rows if r["model"] == MODELS[name] and r["sampler"] == "ancestral"),
+                       key=lambda r: r["steps"])
+        ax3.plot([r["seconds_per_sample"] * 1e3 for r in cells], [r["gen_ppl"] for r in cells], "-o",
+                 label=f"{MODELS[name]}, ancestral")
+        for r in cells:
+            ax3.annotate(str(r["steps"]), (r["seconds_per_sample"] * 1e3, r["gen_ppl"]), fontsize=7)
+    ar = next((r for r in rows if r["model"] == AR_MODEL), None)
+    if ar is not None:
+        ax3.plot([ar["seconds_per_sample"] * 1e3], [ar["gen_ppl"]], "r^", markersize=10,
+                 label=f"AR, KV cache ({ar['steps']} calls)")
+        ax3.axvline(ar["seconds_per_sample"] * 1e3, color="r", linestyle=":", linewidth=1)
+    ax3.set_xscale("log")
+    ax3.set_xlabel("ms per sample")
+    ax3.set_ylabel("Gen PPL (AR judge)")
+    ax3.set_title("speed against quality (labels: steps)")
+    ax3.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
