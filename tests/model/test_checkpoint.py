@@ -138,7 +138,7 @@ def test_corrupt_checkpoint_files_are_one_line_errors_naming_the_file(corpus, ca
 def test_resume_refuses_another_kind_of_run_and_changed_data(corpus, cache, tmp_path):
     train(small(corpus, tmp_path / "duo", cache, max_steps=2))
     dcd = DistillConfig(init=str(tmp_path / "duo"), out_dir=str(tmp_path / "dcd"), cache_dir=str(cache), max_steps=2,
-                        batch_size=8, eval_batches=1, progress=False, num_threads=1)
+                        rounds=1, batch_size=8, eval_batches=1, progress=False, num_threads=1)
     distill(dcd)
     before = sorted(p.name for p in (tmp_path / "dcd" / "checkpoints").iterdir())
     with pytest.raises(CheckpointError, match=r"is a distill run, this is a train run: continue it with `duo distill"):
