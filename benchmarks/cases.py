@@ -42,7 +42,7 @@ from duo_model.loss import DuoLoss, Phase, antithetic_t
 Shape = dict[str, int]
 Inputs = dict[str, Any]
 
-# OWT training shapes of PERF-TARGETS.md: the curriculum's per-GPU micro-batch.
+# OWT training shapes of the performance targets: the curriculum's per-GPU micro-batch.
 PAPER_SHAPE: Shape = dict(B=32, L=1024, V=50257, d=768)
 # Sampling runs at a smaller batch (the reference's fp64 posterior needs 67.5 GiB at B = 32).
 SAMPLING_SHAPE: Shape = dict(B=8, L=1024, V=50257, d=768)
@@ -62,7 +62,7 @@ class Case:
         fused: ``inputs -> result``: the public op with ``impl="auto"``.
         reference: ``inputs -> result``: the reference hot path on the same inputs.
         bytes_moved: ``shape -> bytes``: the floor's traffic, inputs read once plus outputs written once.
-        target: the PERF-TARGETS.md goal for this row, shown in the table (``"—"`` if none).
+        target: the performance target of this row, shown in the table (``"—"`` if none).
         backward: ``fused`` and ``reference`` each run forward and backward (returning the gradients);
             the report labels the row "fwd+bwd", so the name need not say it.
         shape: the shape the GPU report runs at.
@@ -145,12 +145,12 @@ _register_rng(
 
 
 # ---- forward process -------------------------------------------------------------------------------
-# The O(1)-per-token exact samplers (duo-math §1.2, §5.4) against the (B, L, V) latents they replace,
-# as the public Duo code draws them: one torch.randn latent and its argmax (PERF-TARGETS.md: 27.9 ms
+# The O(1)-per-token exact samplers against the (B, L, V) latents they replace,
+# as the public Duo code draws them: one torch.randn latent and its argmax (published figure: 27.9 ms
 # on an H200 at the paper shape, 6.1 GiB of fp32 normals). reference.gaussian_argmax_dense (our Philox
 # stream in int64 PyTorch ops, seconds per call) is the correctness oracle, not a baseline.
 FORWARD_SEED = 0
-# OWT curriculum window (duo-math §1.1) and a DCD pair gap.
+# OWT curriculum window and a DCD pair gap.
 GAMMA_MIN, GAMMA_MAX, PAIR_GAP = -3.55, -1.85, 0.3
 
 
@@ -210,7 +210,7 @@ TOPK_TAU = 1e-3
 
 def published_tempered_softmax_topk(x0: torch.Tensor, a_tilde: torch.Tensor, s_tilde: torch.Tensor,
                                     vocab_size: int, k: int, inv_tau: float):
-    """The published Duo++ top-k sampler (duo-math §4.4, steps 1-10), transcribed op for op.
+    """The published Duo++ top-k sampler (its ten steps), transcribed op for op.
 
     ``x0`` (B, L) int64; ``a_tilde``, ``s_tilde`` (B,) (cast to float64, as the published code does);
     ``k >= 2``. Returns (weights (B, L, k) float64, ids (B, L, k) int64, z_t (B, L) int64) with the
@@ -357,7 +357,7 @@ def _dense_fused(i: Inputs):
 
 
 def _dense_published(i: Inputs):
-    # The published Duo 'simple' curriculum (duo-math §4.2, H1-H2): int64 one-hot, torch.randn latent,
+    # The published Duo 'simple' curriculum: int64 one-hot, torch.randn latent,
     # argmax, softmax(w / tau) saved for backward, fp32 GEMM; ~37 GiB at B = 32 (fits an H200, not an
     # 80 GB card alongside other work). Our reference.tempered_softmax_embedding is the correctness
     # oracle instead (float64, Philox in int64 PyTorch ops): far slower than this, so not the baseline.
@@ -408,7 +408,7 @@ for _variant, _wrap in (("fp32", lambda fn: fn), ("tf32", _tf32)):
 # ---- sampling --------------------------------------------------------------------------------------
 # One step of an 8-step sampler at t = 0.5 -> s = 0.375 (log-linear: alpha = 1 - t), kappa = 1, bf16
 # logits as the backbone emits them. The reference path is a transcription of the published Duo
-# sampler's hot path (duo-math §6.1, §6.3, H10-H11), not our reference (which already uses the mixture
+# sampler's hot path, not our reference (which already uses the mixture
 # form): log_softmax -> float64, the sort-based nucleus filter, the dense posterior (3.2) with a
 # one-hot z_t, and the exponential race argmax(q / E), E = 1e-10 - log(U + 1e-10), U float64 (B, L, V).
 SAMPLING_ALPHA_T, SAMPLING_ALPHA_S = 0.5, 0.625
@@ -493,7 +493,7 @@ register(Case(
 # one has landed, the fused linear + NELBO head included), "reference" the same step with every op
 # bound to duo_kernels.reference (the logits materialised, then the reference NELBO) — the same
 # model weights, times and noise seed. The optimizer step is left out: it is the same on both paths.
-# The reference dense curriculum needs far more than 80 GB at this shape (PERF-TARGETS.md: 36.8 GiB
+# The reference dense curriculum needs far more than 80 GB at this shape (published figure: 36.8 GiB
 # for its latent alone, plus the NELBO's 21.5 GiB and the backbone's 21.4 GiB); its row records the
 # out-of-memory error. The floor counts the weights read twice and the gradients written once (fp32),
 # a lower bound only: the step is compute-bound.
@@ -543,8 +543,8 @@ def _e2e_floor_bytes(shape: Shape) -> int:
     return 3 * 4 * params
 
 
-for _phase, _label, _target in (("dense", "curriculum dense", "≥ 1.8× reference (PERF-TARGETS)"),
-                                ("topk", "curriculum top-2", "≥ 1.8× reference (PERF-TARGETS)"),
+for _phase, _label, _target in (("dense", "curriculum dense", "≥ 1.8× reference (target)"),
+                                ("topk", "curriculum top-2", "≥ 1.8× reference (target)"),
                                 ("discrete", "discrete phase", "none set")):
     register(Case(
         name=f"train step DiT-small {_label}",
@@ -612,7 +612,7 @@ def _register_sampling(name: str, make_inputs, target: str, shape: Shape) -> Non
 
 
 _register_sampling("sample 8 steps + Greedy-Tail DiT-small", _e2e_sample_inputs,
-                   "≥ 2× reference sampler (PERF-TARGETS)", dict(SAMPLING_SHAPE))
+                   "≥ 2× reference sampler (target)", dict(SAMPLING_SHAPE))
 
 
 
@@ -679,8 +679,8 @@ register(Case(
 
 # ---- losses ----------------------------------------------------------------------------------------
 # The reference side of every loss row is what the public Duo code runs: the NELBO and the KL in fp32
-# from bf16 logits (log_softmax, exp, xbar_theta, log, sums: duo-math §10 H4/H5/H9), written out below;
-# the DCD fp64 row runs the same KL in float64, Duo's fp64 loss_precision (PERF-TARGETS.md lists both).
+# from bf16 logits (log_softmax, exp, xbar_theta, log, sums), written out below;
+# the DCD fp64 row runs the same KL in float64, Duo's fp64 loss_precision (the targets list both).
 # duo_kernels.reference (float64, the correctness oracle) is not a baseline. Each call runs forward and backward
 # (torch.autograd.grad, so nothing accumulates in .grad between timed calls).
 
@@ -803,7 +803,7 @@ register(Case(
     target="peak ≤ 1/10 of logits-then-loss",
     backward=True,
 ))
-# The PERF-TARGETS.md comparison: the same GEMMs with the fused loss on materialized logits.
+# The target's comparison: the same GEMMs with the fused loss on materialized logits.
 register(Case(
     name="linear_usdm_nelbo bf16 vs F.linear + usdm_nelbo",
     family="nelbo",

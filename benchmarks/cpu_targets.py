@@ -1,4 +1,4 @@
-"""The CPU targets of PERF-TARGETS.md, measured in one run on this machine:
+"""The project's CPU performance targets, measured in one run on this machine:
 
     python benchmarks/cpu_targets.py [--repeats N] [--threads 1 2] [--smoke]
 

@@ -2,13 +2,13 @@
 published code's hot path (transcribed in ``benchmarks/cases.py``) and the reference beside them.
 
 ``pytest benchmarks/test_bench_forward_process.py --benchmark-only`` times B = 4, L = 256,
-V = 50258 (the CPU target shape of PERF-TARGETS.md); with ``--benchmark-disable`` (CI) every body
+V = 50258 (the CPU target shape); with ``--benchmark-disable`` (CI) every body
 runs once on 2 x 16 tokens and V = 1000 and checks the result against the reference. Every path runs on the GPU
 when there is one, except ``impl="cpu"``; Triton only on a GPU (the interpreter is a correctness
 tool, too slow to time). The published paths: the ``torch.randn`` (B, L, V) latent + argmax of the
 Duo curriculum (one latent for both times of the pair), Duo's uniform corruption (``torch.rand`` <
 1 - alpha, then ``torch.randint``) and Duo++'s top-k sampler (float64 torch ops);
-``benchmarks/cpu_targets.py`` measures the PERF-TARGETS ratios in one run.
+``benchmarks/cpu_targets.py`` measures the CPU target ratios in one run.
 """
 
 import pytest
