@@ -239,6 +239,15 @@ def validate(cfg) -> None:
         cfg.validate()
 
 
+def check_gamma_window(gamma_min: float, gamma_max: float) -> None:
+    """The gamma window rule of ``duo train`` and ``duo distill``: both ends or neither (NaN: the
+    vocabulary's default window), and ``gamma_min < gamma_max``."""
+    if math.isnan(gamma_min) != math.isnan(gamma_max):
+        raise ConfigError(f"give both gamma_min and gamma_max, or neither (got {gamma_min}, {gamma_max})")
+    if gamma_min >= gamma_max:
+        raise ConfigError(f"gamma_min={gamma_min} must be < gamma_max={gamma_max}")
+
+
 def build(cls, config_file: str | Path | None, overrides: list[str], *, base: dict | None = None,
           command: str = "train"):
     """``cls`` from its defaults, then ``base``, then the file, then ``key=value`` overrides; validated."""

@@ -48,7 +48,7 @@ from duo_model import ops
 from duo_model.checkpoint import (CheckpointError, clean, new_run_id, read_checkpoint, restore_optimizer,
                                   save_checkpoint)
 from duo_model.config import (ConfigError, above, at_least, corpus_spec, device_spec, existing_path, setting,
-                              validate, within, writable_path)
+                              check_gamma_window, validate, within, writable_path)
 from duo_model.data import prepare_data, tokenizer_from_json
 from duo_model.dit import DiT, DiTConfig, count_parameters
 from duo_model.eval import mean_loss
@@ -129,10 +129,7 @@ class DistillConfig:
 
     def validate(self) -> None:
         """The rules between settings (:func:`duo_model.config.validate` checks each setting first)."""
-        if math.isnan(self.gamma_min) != math.isnan(self.gamma_max):
-            raise ConfigError(f"give both gamma_min and gamma_max, or neither (got {self.gamma_min}, {self.gamma_max})")
-        if self.gamma_min >= self.gamma_max:
-            raise ConfigError(f"gamma_min={self.gamma_min} must be < gamma_max={self.gamma_max}")
+        check_gamma_window(self.gamma_min, self.gamma_max)
         if self.rounds > self.max_steps:
             raise ConfigError(f"rounds={self.rounds} exceeds max_steps={self.max_steps}: every round needs a step")
 

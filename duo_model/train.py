@@ -41,7 +41,7 @@ from duo_model import ops
 from duo_model.checkpoint import (CheckpointError, clean, latest, new_run_id, read_checkpoint, restore_optimizer,
                                   save_checkpoint)
 from duo_model.config import (Check, ConfigError, above, at_least, corpus_spec, device_spec, finite, setting,
-                              tokenizer_spec, validate, within, writable_path)
+                              check_gamma_window, tokenizer_spec, validate, within, writable_path)
 from duo_model.data import Data, atomic_write_bytes, prepare_data
 from duo_model.dit import DiT, DiTConfig, count_parameters
 from duo_model.eval import validation_nll
@@ -133,10 +133,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """The rules between settings (:func:`duo_model.config.validate` checks each setting first)."""
-        if math.isnan(self.gamma_min) != math.isnan(self.gamma_max):
-            raise ConfigError(f"give both gamma_min and gamma_max, or neither (got {self.gamma_min}, {self.gamma_max})")
-        if self.gamma_min >= self.gamma_max:
-            raise ConfigError(f"gamma_min={self.gamma_min} must be < gamma_max={self.gamma_max}")
+        check_gamma_window(self.gamma_min, self.gamma_max)
         if self.curriculum_start > self.curriculum_end:
             raise ConfigError(f"curriculum_start={self.curriculum_start} must be <= curriculum_end="
                               f"{self.curriculum_end}")

@@ -1,7 +1,6 @@
 """Fixtures of the duo_model tests: a generated corpus, a shared cache, one torch thread."""
 
 import pytest
-import torch
 
 from tests.model.helpers import write_corpus
 
@@ -17,9 +16,5 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def _one_thread(one_thread):
     """These tests run many tiny ops; on a shared 2-core machine one thread is ~10x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -6,13 +6,8 @@ import torch
 from duo_kernels.reference import diffusion_transform, gamma_window
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """~60 transforms of 2 values per window: a second thread only adds scheduling on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# ~60 transforms of 2 values per window: a second thread only adds scheduling on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("vocab_size", [2, 259, 2048, 50258, 10**6])
